@@ -1,0 +1,181 @@
+"""Train/eval loaders of both backends: interface, label order, resume, sharding, bad input, parity."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from test_data_fixtures import BAD_KINDS, READABLE_ODD_KINDS, make_sop, write_odd
+
+from unidml.config import DataConfig
+from unidml.data_pipeline import build_dataset, build_eval_loader, build_train_loader
+from unidml.data_pipeline.dataset import ImageSet
+from unidml.data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
+from unidml.errors import UserError
+
+CPU = torch.device("cpu")
+BACKENDS = ["torchvision", "dali"]
+
+
+@pytest.fixture(scope="module")
+def sop(tmp_path_factory) -> Path:
+    """6 train classes x 4 images, 3 test classes x 4, 40x40 JPEGs."""
+    return make_sop(tmp_path_factory.mktemp("sop"), train_classes=6, test_classes=3, per_class=4, size=(40, 40))
+
+
+@pytest.fixture(scope="module")
+def bad_sop(tmp_path_factory) -> tuple[Path, set[str], set[str]]:
+    """SOP tree whose train split holds every bad kind, a missing file and the readable oddities."""
+    root = make_sop(tmp_path_factory.mktemp("badsop"), train_classes=4, test_classes=2, per_class=4, size=(40, 40))
+    bad = {str(write_odd(root / f"class00{1 + i % 4}_final/{1 + i % 4}_{i // 4}.JPG", kind))
+           for i, kind in enumerate(BAD_KINDS)}
+    missing = root / "class004_final/4_3.JPG"
+    missing.unlink()
+    bad.add(str(missing))
+    odd = {str(write_odd(root / f"class00{1 + i}_final/{1 + i}_2.JPG", kind)) for i, kind in enumerate(READABLE_ODD_KINDS)}
+    return root, bad, odd
+
+
+def _cfg(root: Path, backend: str, **kw):
+    base = dict(dataset="sop", root=str(root), backend=backend, image_size=16, resize_size=20, num_workers=1)
+    return OmegaConf.structured(DataConfig(**{**base, **kw}))
+
+
+def _train(cfg, images: ImageSet, world: int = 1, rank: int = 0, batch: int = 4, run_dir=None, seed: int = 0):
+    return build_train_loader(cfg, images, global_batch_size=batch, rank=rank, world_size=world, seed=seed,
+                              run_dir=run_dir, device=CPU)
+
+
+DETERMINISTIC = dict(crop_scale=[1.0, 1.0], crop_ratio=[1.0, 1.0], hflip=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_loader_batches_labels_and_exact_resume(sop, backend):
+    cfg = _cfg(sop, backend, **DETERMINISTIC)
+    train = build_dataset(cfg).train
+    loader = _train(cfg, train)
+    loader.set_epoch(1)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 24 // 4
+    expected = [train.contiguous_labels()[idx].tolist() for idx in loader.sampler.global_batches(1)]
+    assert [b[1].tolist() for b in batches] == expected
+    images, labels = batches[0]
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    # normalised: a uint8 image maps into [(0 - mean)/std, (1 - mean)/std] per channel
+    low = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
+    high = ((1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
+    assert bool((images >= low - 1e-4).all() and (images <= high + 1e-4).all())
+
+    first = _train(cfg, train)
+    first.set_epoch(1)
+    head = []
+    for batch in first:
+        head.append(batch)
+        if len(head) == 2:
+            break
+    resumed = _train(cfg, train)
+    resumed.load_state_dict(first.state_dict())
+    resumed.set_epoch(1)
+    rest = list(resumed)
+    assert len(head) + len(rest) == len(batches)
+    for (x, y), (rx, ry) in zip(head + rest, batches):
+        assert torch.equal(y, ry) and torch.allclose(x, rx, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_loaders_of_all_ranks_cover_disjoint_samples(sop, backend):
+    cfg = _cfg(sop, backend, sampler="m_per_class", m_per_class=2, num_workers=0)
+    train = build_dataset(cfg).train
+    loaders = [_train(cfg, train, world=2, rank=r, batch=8) for r in range(2)]
+    assert len(loaders[0]) == len(loaders[1]) > 0
+    per_rank = [list(loader) for loader in loaders]
+    for step in range(len(loaders[0])):
+        labels = torch.cat([per_rank[r][step][1] for r in range(2)])
+        assert sorted(torch.bincount(labels)[torch.bincount(labels) > 0].tolist()) == [2, 2, 2, 2]
+        assert all(per_rank[r][step][0].shape == (4, 3, 16, 16) for r in range(2))
+
+
+def test_batch_size_must_divide_by_world_size(sop):
+    cfg = _cfg(sop, "torchvision")
+    with pytest.raises(UserError, match="not divisible by the world size 3"):
+        _train(cfg, build_dataset(cfg).train, world=3, batch=8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_shards_are_contiguous_and_complete(sop, backend):
+    cfg = _cfg(sop, backend)
+    test = build_dataset(cfg).splits["test"]
+    seen_idx, seen_labels = [], []
+    for rank in range(3):
+        loader = build_eval_loader(cfg, test, batch_size=5, rank=rank, world_size=3, device=CPU)
+        for images, labels, indices in loader:
+            assert images.shape[1:] == (3, 16, 16) and images.shape[0] == len(labels) == len(indices)
+            seen_idx += indices.tolist()
+            seen_labels += labels.tolist()
+    assert seen_idx == list(range(len(test))) and seen_labels == test.labels.tolist()
+
+
+def test_dali_and_torchvision_test_transform_agree(tmp_path):
+    root = make_sop(tmp_path, train_classes=2, test_classes=2, per_class=3, size=(64, 64))
+    out = {}
+    for backend in BACKENDS:
+        cfg = _cfg(root, backend, image_size=24, resize_size=32)
+        test = build_dataset(cfg).splits["test"]
+        batches = list(build_eval_loader(cfg, test, batch_size=4, rank=0, world_size=1, device=CPU))
+        out[backend] = [torch.cat([b[i] for b in batches]) for i in range(3)]
+    (tv_x, tv_y, tv_i), (dali_x, dali_y, dali_i) = out["torchvision"], out["dali"]
+    assert tv_x.shape == dali_x.shape == (6, 3, 24, 24) and tv_x.dtype == dali_x.dtype == torch.float32
+    assert torch.equal(tv_y, dali_y) and torch.equal(tv_i, dali_i)
+    diff = (tv_x - dali_x).abs() * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255  # in 8-bit levels
+    assert diff.mean() < 2.0 and diff.max() < 24
+    assert abs(tv_x.mean() - dali_x.mean()) < 0.01
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skip_replaces_bad_images_and_lists_them_once(bad_sop, backend, tmp_path):
+    root, bad, odd = bad_sop
+    cfg = _cfg(root, backend, num_workers=2, **DETERMINISTIC)
+    train = build_dataset(cfg).train
+    loader = _train(cfg, train, batch=4, run_dir=tmp_path)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for images, labels in loader:
+            assert images.shape == (4, 3, 16, 16) and bool(torch.isfinite(images).all())
+    assert loader.bad_images == len(bad) == 5 and loader.bad_log.encounters >= 2 * 5
+    listed = [line.split("\t")[0] for line in (tmp_path / "bad_images.txt").read_text().splitlines()]
+    assert sorted(listed) == sorted(bad) and not set(listed) & odd
+    # a replacement comes from the bad sample's class whenever the class has a readable image
+    eval_loader = build_eval_loader(cfg, train, batch_size=6, rank=0, world_size=1, device=CPU)
+    labels = torch.cat([b[1] for b in eval_loader])
+    assert labels.tolist() == train.labels.tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fail_policy_stops_with_one_line_naming_the_file(bad_sop, backend):
+    root, bad, _ = bad_sop
+    cfg = _cfg(root, backend, on_error="fail", num_workers=2)
+    train = build_dataset(cfg).train
+    loader = _train(cfg, train, batch=4)
+    with pytest.raises(UserError) as info:
+        for _ in loader:
+            pass
+    message = str(info.value)
+    assert "\n" not in message and message.split(":")[0] in bad
+
+
+def test_readable_oddities_decode_to_rgb_in_both_backends(bad_sop):
+    root, _, odd = bad_sop
+    images = ImageSet("odd", tuple(sorted(odd)), np.arange(len(odd)))
+    results = []
+    for backend in BACKENDS:
+        cfg = _cfg(root, backend, on_error="fail")
+        (x, y, _), = list(build_eval_loader(cfg, images, batch_size=8, rank=0, world_size=1, device=CPU))
+        assert x.shape == (3, 3, 16, 16) and y.tolist() == [0, 1, 2]
+        results.append(x)
+    gray = sorted(odd).index(next(p for p in odd if p.endswith("1_2.JPG")))
+    for x in results:  # the grayscale image has three equal channels after de-normalisation
+        rgb = x[gray] * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        assert torch.allclose(rgb[0], rgb[1], atol=0.02) and torch.allclose(rgb[1], rgb[2], atol=0.02)
+    assert (results[0] - results[1]).abs().mean() < 0.1

@@ -1,0 +1,142 @@
+"""Dataset readers: counts, labels, splits (DESIGN.md §2) and one-line errors on bad index files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from test_data_fixtures import make_cars, make_cub, make_inshop, make_sop, write_jpeg
+
+from unidml.config import DataConfig, SyntheticConfig
+from unidml.data_pipeline import build_dataset
+from unidml.data_pipeline.readers import read_dataset
+from unidml.data_pipeline.splits import carve_validation
+from unidml.errors import UserError
+
+
+def _cfg(**kw):
+    return OmegaConf.structured(DataConfig(**kw))
+
+
+def test_sop_labels_are_class_id_minus_one(tmp_path):
+    make_sop(tmp_path, train_classes=4, test_classes=3, per_class=3)
+    ds = read_dataset("sop", tmp_path)
+    assert set(ds.splits) == {"train", "test"} and ds.eval_pairs == {"test": ("test", None)}
+    assert ds.train.labels.tolist() == [c for c in range(4) for _ in range(3)]
+    assert ds.splits["test"].labels.tolist() == [c for c in range(4, 7) for _ in range(3)]
+    assert ds.train.paths[0] == str(tmp_path / "class001_final" / "1_0.JPG")
+    assert ds.splits["test"].contiguous_labels().tolist() == [c for c in range(3) for _ in range(3)]
+
+
+def test_inshop_items_map_to_contiguous_labels_over_the_whole_file(tmp_path):
+    make_inshop(tmp_path)
+    ds = read_dataset("inshop", tmp_path)
+    assert ds.eval_pairs == {"test": ("query", "gallery")}
+    assert {k: len(v) for k, v in ds.splits.items()} == {"train": 6, "query": 2, "gallery": 4}
+    # items id_00000000, id_00000001 (eval) sort before id_00000010.. (train)
+    assert ds.splits["query"].labels.tolist() == [0, 1]
+    assert ds.splits["gallery"].labels.tolist() == [0, 0, 1, 1]
+    assert ds.train.labels.tolist() == [2, 2, 3, 3, 4, 4]
+    assert ds.train.paths[0].endswith("img/MEN/Tees/id_00000010/00_1_front.jpg")
+
+
+def test_cub_splits_classes_0_99_train_100_199_test(tmp_path):
+    make_cub(tmp_path, classes=(1, 2, 100, 101, 200), per_class=2)
+    ds = read_dataset("cub", tmp_path)
+    assert ds.train.labels.tolist() == [0, 0, 1, 1, 99, 99]
+    assert ds.splits["test"].labels.tolist() == [100, 100, 199, 199]
+    assert ds.train.paths[0] == str(tmp_path / "images" / "001.Bird_1" / "Bird_1_0000.jpg")
+
+
+def test_cars_splits_classes_0_97_train_and_ignores_the_test_flag(tmp_path):
+    make_cars(tmp_path, classes=(1, 98, 99, 196), per_class=2)
+    ds = read_dataset("cars", tmp_path)
+    assert ds.train.labels.tolist() == [0, 0, 97, 97]
+    assert ds.splits["test"].labels.tolist() == [98, 98, 195, 195]
+    assert ds.train.paths[:2] == (str(tmp_path / "car_ims" / "000001.jpg"), str(tmp_path / "car_ims" / "000002.jpg"))
+
+
+def test_list_with_split_column_and_string_labels(tmp_path):
+    for i, name in enumerate(["a.jpg", "b.jpg", "c.jpg", "d.jpg"]):
+        write_jpeg(tmp_path / name, i)
+    (tmp_path / "list.csv").write_text("path,label,split\na.jpg,cat,train\nb.jpg,dog,train\n"
+                                       "c.jpg,eel,test\nd.jpg,eel,test\n")
+    ds = build_dataset(_cfg(dataset="list", root=str(tmp_path), list_file="list.csv"))
+    assert ds.train.labels.tolist() == [0, 1] and ds.splits["test"].labels.tolist() == [2, 2]
+    assert ds.eval_pairs == {"test": ("test", None)}
+
+
+def test_list_tsv_without_split_halves_the_classes(tmp_path):
+    rows = [f"img{i}.jpg\t{label}" for i, label in enumerate([5, 5, 7, 9, 9, 11])]
+    (tmp_path / "l.tsv").write_text("\n".join(rows) + "\n")
+    ds = read_dataset("list", tmp_path, "l.tsv")
+    assert ds.train.labels.tolist() == [5, 5, 7] and ds.splits["test"].labels.tolist() == [9, 9, 11]
+
+
+def test_folder_one_directory_per_class(tmp_path):
+    for name in ("ant", "bee", "cat", "dog"):
+        for k in range(2):
+            write_jpeg(tmp_path / name / f"{k}.jpg", k)
+    (tmp_path / "bee" / "notes.txt").write_text("ignored")
+    ds = read_dataset("folder", tmp_path)
+    assert ds.train.labels.tolist() == [0, 0, 1, 1] and ds.splits["test"].labels.tolist() == [2, 2, 3, 3]
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("image_id class_id super_class_id path\n1 1 1 a.jpg\n2 x 1 b.jpg\n", r"Ebay_train.txt:3: malformed line.*class_id 'x'"),
+    ("image_id class_id super_class_id path\n1 1 1\n", r"Ebay_train.txt:2: malformed line: expected 4 columns"),
+    ("image_id class_id super_class_id path\n1 1 1 ../../etc/passwd\n", r"Ebay_train.txt:2: path '\.\./\.\./etc/passwd' escapes"),
+    ("image_id class_id super_class_id path\n1 1 1 /etc/passwd\n", r"Ebay_train.txt:2: path '/etc/passwd' escapes"),
+])
+def test_sop_bad_index_lines_name_file_and_line(tmp_path, content, expected):
+    (tmp_path / "Ebay_train.txt").write_text(content)
+    (tmp_path / "Ebay_test.txt").write_text("image_id class_id super_class_id path\n")
+    with pytest.raises(UserError, match=expected):
+        read_dataset("sop", tmp_path)
+
+
+@pytest.mark.parametrize("kind, missing", [("sop", "Ebay_train.txt"), ("inshop", "list_eval_partition.txt"),
+                                           ("cub", "images.txt"), ("cars", "cars_annos.mat")])
+def test_missing_index_file_is_named(tmp_path, kind, missing):
+    with pytest.raises(UserError, match=rf"{missing}: file not found"):
+        read_dataset(kind, tmp_path)
+
+
+def test_inshop_bad_status_and_cars_non_mat_file(tmp_path):
+    (tmp_path / "list_eval_partition.txt").write_text("1\nimage_name item_id evaluation_status\nimg/a.jpg id_1 val\n")
+    with pytest.raises(UserError, match=r"list_eval_partition.txt:3: malformed line"):
+        read_dataset("inshop", tmp_path)
+    (tmp_path / "cars_annos.mat").write_text("not a mat file")
+    with pytest.raises(UserError, match=r"cars_annos.mat: "):
+        read_dataset("cars", tmp_path)
+
+
+def test_validation_split_is_class_disjoint_and_seeded(tmp_path):
+    make_sop(tmp_path, train_classes=10, test_classes=2, per_class=2, size=(8, 8))
+    ds = build_dataset(_cfg(dataset="sop", root=str(tmp_path), val_classes=0.3), seed=1)
+    train, val = ds.train, ds.splits["val"]
+    assert val.num_classes == 3 and train.num_classes == 7
+    assert not set(train.classes) & set(val.classes)
+    assert len(train) + len(val) == 20 and ds.eval_pairs["val"] == ("val", None)
+    base = read_dataset("sop", tmp_path)
+    assert np.array_equal(carve_validation(base, 0.3, seed=1).splits["val"].classes, val.classes)
+    others = [carve_validation(base, 0.3, seed=s).splits["val"].classes for s in range(2, 6)]
+    assert any(not np.array_equal(o, val.classes) for o in others)
+
+
+def test_synthetic_reads_an_existing_tree_without_regenerating(tmp_path):
+    make_sop(tmp_path, train_classes=2, test_classes=2, per_class=2, size=(8, 8))
+    ds = build_dataset(_cfg(dataset="synthetic", root=str(tmp_path)))
+    assert ds.name == "synthetic" and len(ds.train) == 4 and len(ds.splits["test"]) == 4
+
+
+def test_synthetic_generates_when_absent(tmp_path):
+    pytest.importorskip("unidml.data_pipeline.synthetic")
+    cfg = _cfg(dataset="synthetic", root=str(tmp_path / "syn"),
+               synthetic=SyntheticConfig(classes=4, per_class=3, size=16, seed=0, test_fraction=0.5))
+    ds = build_dataset(cfg)
+    assert (tmp_path / "syn" / "Ebay_train.txt").is_file()
+    assert len(ds.train) + len(ds.splits["test"]) == 12
+    assert not set(ds.train.classes) & set(ds.splits["test"].classes)
+    assert all(Path(p).is_file() for p in ds.train.paths)

@@ -1,0 +1,111 @@
+"""Backend-independent loaders: the trainer's `TrainLoader` and the sharded eval loader.
+
+A backend turns lists of dataset indices into device batches and reports the bad images it had to
+replace; the loaders own sampling, resume position and the `data.on_error` policy.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+
+from unidml.data_pipeline.images import BadImageLog
+from unidml.data_pipeline.samplers import DistributedBatchSampler
+
+Bad = list[tuple[str, str]]
+
+
+class Backend(Protocol):
+    def batches(self, index_batches: Iterable[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Bad]]:
+        """(images float32 NCHW on the device, labels int64, bad images replaced in this batch)."""
+
+
+class Replacements:
+    """Deterministic stand-ins for a bad sample: the other images of its class (cyclically after it),
+    then every other image, so a replacement keeps the batch's class balance whenever possible."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = np.asarray(labels)
+        order = np.argsort(self.labels, kind="stable")
+        bounds = np.flatnonzero(np.diff(self.labels[order])) + 1
+        self.members = {int(self.labels[g[0]]): g for g in np.split(order, bounds) if len(g)}
+
+    def candidates(self, index: int) -> Iterator[int]:
+        yield index
+        group = self.members[int(self.labels[index])]
+        start = int(np.searchsorted(group, index))
+        for k in range(1, len(group)):
+            yield int(group[(start + k) % len(group)])
+        n = len(self.labels)
+        for k in range(1, n):
+            j = (index + k) % n
+            if self.labels[j] != self.labels[index]:
+                yield j
+
+
+class TrainLoader:
+    """Per-rank training batches `(images, labels)`: images float32 NCHW normalised on the device,
+    labels int64 contiguous 0..K-1; drop_last; resumable position within the epoch."""
+
+    def __init__(self, sampler: DistributedBatchSampler, backend: Backend, bad_log: BadImageLog) -> None:
+        self.sampler = sampler
+        self.backend = backend
+        self.bad_log = bad_log
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def bad_images(self) -> int:
+        """Distinct bad image files replaced so far (skip policy)."""
+        return self.bad_log.count
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, bad in self.backend.batches(iter(self.sampler)):
+            for path, detail in bad:
+                self.bad_log.report(path, detail)
+            self.sampler.advance()
+            yield images, labels
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous [start, end) of rank `rank` when n items are split over `world_size` ranks."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+class EvalLoader:
+    """This rank's contiguous shard in order: `(images, labels, indices)`, no padding or duplicates."""
+
+    def __init__(self, backend: Backend, start: int, end: int, batch_size: int, bad_log: BadImageLog) -> None:
+        self.backend = backend
+        self.indices = list(range(start, end))
+        self.batch_size = batch_size
+        self.bad_log = bad_log
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    @property
+    def bad_images(self) -> int:
+        return self.bad_log.count
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        chunks = [self.indices[i:i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
+        for chunk, (images, labels, bad) in zip(chunks, self.backend.batches(chunks)):
+            for path, detail in bad:
+                self.bad_log.report(path, detail)
+            yield images, labels, torch.as_tensor(chunk, dtype=torch.int64)

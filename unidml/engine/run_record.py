@@ -1,0 +1,106 @@
+"""What a run leaves behind (rank 0 only): metrics.json, TensorBoard scalars, PNG plots.
+
+`metrics.json` holds one entry per evaluated epoch (`epoch`, `recall@K`..., `map@r`,
+`r_precision`, and every evaluated split under `splits`), the `best` entry with the protocol
+that selected it, and training throughput. It is rewritten atomically after every evaluation.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Replace `path` with `text` in one rename, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunRecord:
+    """Metric history, best-epoch selection and the files that show them."""
+
+    def __init__(self, run_dir: Path, enabled: bool, selection_split: str, history: list[dict] | None = None) -> None:
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self.selection_split = selection_split
+        self.history: list[dict] = list(history or [])
+        self.throughput: dict[str, float] = {}
+        self._writer = None
+
+    @property
+    def writer(self):
+        """TensorBoard writer, created on first use (rank 0 only)."""
+        if self._writer is None and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
+        return self._writer
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def best(self) -> dict | None:
+        """The evaluated epoch with the highest Recall@1 on the selection split (earliest on ties)."""
+        key = "recall@1"
+        scored = [entry for entry in self.history if key in entry]
+        if not scored:
+            return None
+        best = max(scored, key=lambda entry: (entry[key], -entry["epoch"]))
+        return {**best, "selected_by": f"{self.selection_split} recall@1"}
+
+    def add_evaluation(self, epoch: int, step: int, splits: dict[str, dict[str, float]], extra: dict[str, float]) -> bool:
+        """Record one evaluation (plus `extra`, e.g. the epoch's train loss); return whether it is the new best."""
+        entry = {"epoch": epoch, "step": step, **extra, **splits[self.selection_split], "splits": splits}
+        self.history = [e for e in self.history if e["epoch"] != epoch] + [entry]
+        for name, metrics in splits.items():
+            self.scalars(epoch, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, f"eval_{name}")
+        best = self.best()
+        self.flush()
+        return best is not None and best["epoch"] == epoch
+
+    def flush(self) -> None:
+        if not self.enabled:
+            return
+        data = {"epochs": self.history, "best": self.best(), "protocol": self._protocol(),
+                "throughput": self.throughput}
+        write_text_atomic(json.dumps(data, indent=2) + "\n", self.run_dir / "metrics.json")
+        self._plot()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def _protocol(self) -> str:
+        if self.selection_split == "val":
+            return "best epoch selected on the class-disjoint validation split (val recall@1); test metrics reported at that epoch"
+        return "best epoch selected on test recall@1 (the authors' protocol)"
+
+    def _plot(self) -> None:
+        if not self.history:
+            return
+        epochs = [entry["epoch"] for entry in self.history]
+        ks = sorted({int(k.split("@")[1]) for entry in self.history for k in entry if k.startswith("recall@")})
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for k in ks:
+            ax.plot(epochs, [entry.get(f"recall@{k}", float("nan")) for entry in self.history], marker="o", label=f"R@{k}")
+        ax.set_xlabel("epoch (0 = before training)")
+        ax.set_ylabel(f"{self.selection_split} Recall@K (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        (self.run_dir / "plots").mkdir(exist_ok=True)
+        fig.savefig(self.run_dir / "plots" / "recall_at_k.png", dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()

@@ -87,6 +87,8 @@ def test_existing_targets(small: Path, tmp_path: Path) -> None:
     assert generate_dataset(small, **SMALL) == small and tree_digest(small) == before  # same params: kept
     regenerated = generate_dataset(small, **{**SMALL, "per_class": 2})  # other params: replaced
     assert len(read_list(regenerated / "Ebay_train.txt")[1]) == 6
+    (tmp_path / "empty").mkdir()
+    assert tree_digest(generate_dataset(tmp_path / "empty", **SMALL)) == before  # an empty directory is filled
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):

@@ -8,7 +8,7 @@ import torch
 from test_eval_oracle import (brute_force_metrics, brute_force_topk, clustered_with_duplicates, exact_ties,
                               points_on_a_line)
 from unidml.evaluation import retrieval_metrics, sharded_knn
-from unidml.evaluation.knn import query_block_size
+from unidml.evaluation.knn import ShardIndex, cap_k, query_block_size
 from unidml.evaluation.metrics import normalized_mutual_information
 
 ALL = ("recall", "map_at_r", "r_precision")
@@ -117,3 +117,22 @@ def test_bad_requests_are_one_line_errors():
         retrieval_metrics(x, [0, 1])
     with pytest.raises(ValueError, match="metric must be"):
         retrieval_metrics(x, [0, 0, 1, 1], metric="manhattan")
+
+
+def test_ties_past_the_gpu_k_limit_are_resolved_from_full_score_rows(monkeypatch):
+    # Pretend FAISS accepts at most k=16 (as FAISS GPU caps at 2048): rows whose ties run past it
+    # are finished from their full score rows, still exactly.
+    monkeypatch.setattr(ShardIndex, "max_k", property(lambda self: 16))
+    x, _ = exact_ties()
+    top = sharded_knn(x, np.arange(len(x)), x, np.arange(len(x)), 10, self_retrieval=True)
+    np.testing.assert_array_equal(top.ids, brute_force_topk(x, None, 10)[1])
+
+
+def test_k_is_capped_at_the_gpu_limit_with_a_warning_and_small_galleries_are_padded():
+    with pytest.warns(UserWarning, match="exceeds FAISS GPU's limit"):
+        assert cap_k(5000, "MAP@R", on_gpu=True, self_retrieval=True) == 2047
+    assert cap_k(5000, "MAP@R", on_gpu=False, self_retrieval=True) == 5000
+    x = _prepared(clustered_with_duplicates(n=20)[0], "cosine")
+    top = sharded_knn(x[:3], np.arange(3), x[3:8], np.arange(5), 8, self_retrieval=False)
+    np.testing.assert_array_equal(top.ids[:, :5], brute_force_topk(x[:3], x[3:8], 5)[1])
+    assert (top.ids[:, 5:] == -1).all() and np.isneginf(top.scores[:, 5:]).all()

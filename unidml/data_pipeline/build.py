@@ -18,10 +18,10 @@ from unidml.errors import UserError
 
 
 def build_dataset(data_cfg: Any, seed: int = 0) -> DatasetDescription:
-    """Read `data.dataset` under `data.root` (generating the synthetic set first if absent) and carve
+    """Read `data.dataset` under `data.root` (generating the synthetic set first if absent or stale) and carve
     the optional class-disjoint validation split (`data.val_classes`, chosen by `seed`)."""
     root = Path(data_cfg.root)
-    if data_cfg.dataset == "synthetic" and not (root / "Ebay_train.txt").is_file():
+    if data_cfg.dataset == "synthetic":  # returns at once when `root` already holds these parameters
         from unidml.data_pipeline.synthetic import generate_dataset
 
         s = data_cfg.synthetic
@@ -31,8 +31,9 @@ def build_dataset(data_cfg: Any, seed: int = 0) -> DatasetDescription:
     return carve_validation(dataset, float(data_cfg.val_classes), seed)
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
-    """`auto` → DALI when it is installed, else torchvision; an explicit choice is checked."""
+def resolve_backend(name: str) -> str:
+    """`auto` → DALI when it is installed (faster on CPU too, see docs/benchmarks_data.md), else
+    torchvision; an explicit choice is checked."""
     has_dali = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
     if name == "auto":
         return "dali" if has_dali else "torchvision"
@@ -47,7 +48,7 @@ def _backend(data_cfg: Any, images: ImageSet, labels, *, train: bool, batch_size
              seed: int):
     recipe = Recipe.from_config(data_cfg)
     workers = int(data_cfg.num_workers)
-    if resolve_backend(str(data_cfg.backend), device) == "dali":
+    if resolve_backend(str(data_cfg.backend)) == "dali":
         from unidml.data_pipeline.dali_backend import DaliBackend
 
         return DaliBackend(images.paths, labels, recipe, train=train, batch_size=batch_size,
@@ -56,7 +57,7 @@ def _backend(data_cfg: Any, images: ImageSet, labels, *, train: bool, batch_size
     from unidml.data_pipeline.transforms import torchvision_transform
 
     return TorchvisionBackend(images.paths, labels, torchvision_transform(recipe, train), num_workers=workers,
-                              device=device, seed=seed)
+                              device=device, seed=seed, decode_device=device if device.type == "cuda" else None)
 
 
 def _bad_log(data_cfg: Any, run_dir: Path | None, rank: int, world_size: int) -> BadImageLog:

@@ -2,68 +2,85 @@
 (`device="mixed"` on a GPU, `"cpu"` with `device_id=None` without one) and applies the recipe.
 
 Python reads the bytes and rejects implausible files (`check_encoded`) before DALI sees them. A
-decoder error still invalidates a DALI pipeline, so on one the in-flight files are decoded with PIL
+decoder error still invalidates a DALI pipeline, so on one the batch's files are decoded with PIL
 to find the culprit, it is replaced, and the pipeline is rebuilt: bad data never kills the run.
+The pipeline runs synchronously (one batch per `run`, inputs fed just before) on a background
+thread that keeps `PREFETCH_BATCHES` ready, so decoding overlaps the training step.
 """
 from __future__ import annotations
 
-from collections import deque
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
 from unidml.data_pipeline.images import BadImage, load_rgb, read_encoded
-from unidml.data_pipeline.loaders import Bad, Replacements
+from unidml.data_pipeline.loaders import Bad, Replacements, in_background
 from unidml.data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, Recipe
 
-PREFETCH = 1  # one batch in flight: DALI's prefetch queue needs inputs fed ahead in ways that break
-# on short epochs and after rebuilds; decoding still runs on `num_threads` threads within the batch
+PREFETCH_BATCHES = 2  # batches decoded ahead of the consumer (on a background thread)
 
 
-def _resize_shorter_like_torchvision(images, target: int, fn):
-    """Shorter side → `target`, longer side → floor(target * long / short), as torchvision's Resize
-    (DALI's `resize_shorter` rounds the longer side instead)."""
+def _resize_center_crop_like_torchvision(images, encoded, recipe: Recipe, fn, types):
+    """torchvision's test transform, Resize(resize_size) (longer side floor(R * long / short)) then a
+    centered `image_size` crop (halves rounded up), as ONE resampling of the source region that
+    ends up in the crop: the same sample positions and filter, without the intermediate image.
+    The shape comes from the encoded bytes (CPU, EXIF-oriented like the decoder), so this also
+    works after a GPU decode."""
     from nvidia.dali import math as dmath
 
-    shape = fn.shapes(images)
+    size, target = recipe.image_size, recipe.resize_size
+    shape = fn.peek_image_shape(encoded)
     height, width = shape[0], shape[1]
     shorter = dmath.min(height, width)
-    return fn.resize(images, resize_y=fn.cast(target * height // shorter, dtype=_types().FLOAT),
-                     resize_x=fn.cast(target * width // shorter, dtype=_types().FLOAT))
+    new_h, new_w = target * height // shorter, target * width // shorter
+    top, left = (new_h - size + 1) // 2, (new_w - size + 1) // 2
+    scale_y = fn.cast(height, dtype=types.FLOAT) / fn.cast(new_h, dtype=types.FLOAT)
+    scale_x = fn.cast(width, dtype=types.FLOAT) / fn.cast(new_w, dtype=types.FLOAT)
+    start = fn.stack(fn.cast(top, dtype=types.FLOAT) * scale_y, fn.cast(left, dtype=types.FLOAT) * scale_x)
+    end = fn.stack(fn.cast(top + size, dtype=types.FLOAT) * scale_y, fn.cast(left + size, dtype=types.FLOAT) * scale_x)
+    return fn.resize(images, size=[size, size], roi_start=start, roi_end=end, roi_relative=False)
 
 
-def _types():
-    from nvidia.dali import types
+def _jitter_factors(jitter: tuple[float, float, float, float], fn) -> dict:
+    """Random color_twist arguments for the non-zero components of torchvision's ColorJitter
+    (b, c, s: factors uniform in [max(0, 1-x), 1+x]; h: hue shift uniform in ±h turns = ±360h degrees)."""
+    b, c, s, h = jitter
+    factors = {name: fn.random.uniform(range=(max(0.0, 1 - x), 1 + x))
+               for name, x in (("brightness", b), ("contrast", c), ("saturation", s)) if x > 0}
+    if h > 0:
+        factors["hue"] = fn.random.uniform(range=(-360.0 * h, 360.0 * h))
+    return factors
 
-    return types
 
+def _augment(encoded, recipe: Recipe, train: bool, decoder: str, fn, types):
+    """Decode with the recipe's geometry, then jitter/flip/normalise → float CHW.
 
-def _augment(images, recipe: Recipe, train: bool, fn, types):
-    """The recipe as DALI operators on decoded HWC uint8 images → normalised float CHW."""
+    Train without a pre-resize decodes only the random crop window (ROI decode) and scales it to
+    `image_size`: the same distribution as RandomResizedCrop on the full image, at less decode cost.
+    """
     size = recipe.image_size
-    mirror = 0
-    if train:
-        if recipe.train_resize == "shorter":
-            images = fn.resize(images, resize_shorter=recipe.resize_size)
-        elif recipe.train_resize == "square":
-            images = fn.resize(images, resize_x=recipe.resize_size, resize_y=recipe.resize_size)
-        images = fn.random_resized_crop(images, size=(size, size), random_area=list(recipe.crop_scale),
-                                        random_aspect_ratio=list(recipe.crop_ratio), num_attempts=10)
-        if recipe.jitter:
-            b, c, s, h = recipe.color_jitter
-            images = fn.color_twist(images, brightness=fn.random.uniform(range=(max(0.0, 1 - b), 1 + b)),
-                                    contrast=fn.random.uniform(range=(max(0.0, 1 - c), 1 + c)),
-                                    saturation=fn.random.uniform(range=(max(0.0, 1 - s), 1 + s)),
-                                    hue=fn.random.uniform(range=(-360.0 * h, 360.0 * h)))
-        if recipe.hflip:
-            mirror = fn.random.coin_flip(probability=0.5)
-        crop = None
+    crop_args = dict(random_area=list(recipe.crop_scale), random_aspect_ratio=list(recipe.crop_ratio),
+                     num_attempts=10)
+    if train and recipe.train_resize == "none":
+        images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB, **crop_args)
+        images = fn.resize(images, resize_x=size, resize_y=size)
     else:
-        images = _resize_shorter_like_torchvision(images, recipe.resize_size, fn)
-        crop = (size, size)
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=crop,
-                                    crop_pos_x=0.5, crop_pos_y=0.5, mirror=mirror,
+        images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
+        if not train:
+            images = _resize_center_crop_like_torchvision(images, encoded, recipe, fn, types)
+        else:
+            if recipe.train_resize == "shorter":
+                images = fn.resize(images, resize_shorter=recipe.resize_size)
+            else:
+                images = fn.resize(images, resize_x=recipe.resize_size, resize_y=recipe.resize_size)
+            images = fn.random_resized_crop(images, size=(size, size), **crop_args)
+    mirror = 0
+    if train and recipe.jitter:
+        images = fn.color_twist(images, **_jitter_factors(recipe.color_jitter, fn))
+    if train and recipe.hflip:
+        mirror = fn.random.coin_flip(probability=0.5)
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
                                     mean=[255.0 * m for m in IMAGENET_MEAN], std=[255.0 * s for s in IMAGENET_STD])
 
 
@@ -73,12 +90,10 @@ def build_pipeline(recipe: Recipe, *, train: bool, batch_size: int, num_threads:
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-                  prefetch_queue_depth=PREFETCH, exec_async=False, exec_pipelined=False)
+                  prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
     def pipeline():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=False)
-        decoder = "mixed" if device_id is not None else "cpu"
-        images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
-        return _augment(images, recipe, train, fn, types)
+        return _augment(encoded, recipe, train, "mixed" if device_id is not None else "cpu", fn, types)
 
     pipe = pipeline()
     pipe.build()
@@ -129,14 +144,36 @@ class DaliBackend:
         used, data = zip(*(self._encoded(i, bad) for i in indices))
         return list(data), list(used), bad
 
-    def _find_undecodable(self, in_flight: Iterable[tuple[list[np.ndarray], list[int], Bad]]) -> None:
-        """After a decoder error: mark every in-flight file that PIL cannot decode either as bad."""
-        for _, used, _ in in_flight:
-            for index in used:
-                try:
-                    load_rgb(self.paths[index])
-                except BadImage as exc:
-                    self.known_bad[index] = (exc.path, exc.detail)
+    def _mark_undecodable(self, used: list[int]) -> bool:
+        """After a decoder error: mark the batch's files PIL cannot decode either; True if any."""
+        found = False
+        for index in used:
+            try:
+                load_rgb(self.paths[index])
+            except BadImage as exc:
+                self.known_bad[index] = (exc.path, exc.detail)
+                found = True
+        return found
+
+    def _mark_undecodable_by_dali(self, used: list[int], data: list[np.ndarray]) -> bool:
+        """PIL reads the whole batch but DALI failed: decode the files one by one to find the ones
+        this backend truly cannot read, and mark them bad (their detail says so); True if any."""
+        known = len(self.known_bad)
+        for index, encoded in zip(used, data):
+            try:
+                self._pipeline().feed_input("encoded", [encoded])
+                self._pipeline().run()
+            except RuntimeError as exc:
+                self._rebuild()
+                reason = str(exc).strip().splitlines()[-2:]
+                self.known_bad[index] = (self.paths[index], f"DALI cannot decode it ({' '.join(reason)}); "
+                                                            f"PIL can: data.backend=torchvision keeps it")
+        return len(self.known_bad) > known
+
+    def _rebuild(self) -> None:
+        """A failed `run` invalidates a DALI pipeline: the next use builds a fresh one (new seed)."""
+        self.close()
+        self._rebuilds += 1
 
     def _to_torch(self, output) -> torch.Tensor:
         if self.device_id is None:
@@ -145,45 +182,31 @@ class DaliBackend:
 
         dense = output.as_tensor()
         out = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
-        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device))
+        stream = torch.cuda.current_stream(self.device)
+        feed_ndarray(dense, out, cuda_stream=stream)
+        stream.synchronize()  # DALI reuses its output buffer on the next run; the copy must be done
         return out
 
-    def batches(self, index_batches: Iterable[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Bad]]:
-        source = iter(index_batches)
-        pending: deque[list[int]] = deque()  # sampler batches not yet delivered, in order
-        fed: deque[tuple[list[np.ndarray], list[int], Bad]] = deque()
+    def _run(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, Bad]:
+        """One batch through the pipeline; after a decoder error (which invalidates a DALI
+        pipeline) the culprits are marked bad, the pipeline rebuilt and the batch retried."""
         while True:
-            while len(fed) < PREFETCH:
-                nxt = next(source, None)
-                if nxt is None:
-                    break
-                pending.append(nxt)
-                fed.append(self._feed(self._prepare(nxt)))
-            if not fed:
-                return
+            data, used, bad = self._prepare(indices)
+            pipe = self._pipeline()
             try:
-                (output,) = self._pipeline().run()
+                pipe.feed_input("encoded", data)
+                (output,) = pipe.run()
             except RuntimeError as exc:
-                self._recover(pending, fed, exc)
+                self._rebuild()
+                if not (self._mark_undecodable(used) or self._mark_undecodable_by_dali(used, data)):
+                    raise RuntimeError("DALI failed on a batch whose files all decode one by one") from exc
                 continue
-            _, used, bad = fed.popleft()
-            pending.popleft()
-            images = self._to_torch(output)
-            yield images, torch.as_tensor(self.labels[used], dtype=torch.int64, device=self.device), bad
+            return self._to_torch(output), torch.as_tensor(self.labels[used], device=self.device), bad
 
-    def _feed(self, prepared: tuple[list[np.ndarray], list[int], Bad]):
-        self._pipeline().feed_input("encoded", prepared[0])
-        return prepared
+    def batches(self, index_batches: Iterable[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Bad]]:
+        """Batches decoded on a background thread (DALI releases the GIL), `PREFETCH_BATCHES` ahead."""
+        return in_background((self._run(indices) for indices in index_batches), depth=PREFETCH_BATCHES)
 
-    def _recover(self, pending: deque[list[int]], fed: deque, error: RuntimeError) -> None:
-        """Rebuild the pipeline after a decoder error and re-feed the in-flight batches."""
-        known = len(self.known_bad)
-        self._find_undecodable(fed)
-        if len(self.known_bad) == known:
-            raise RuntimeError("DALI pipeline failed on files that PIL decodes (use data.backend=torchvision)") \
-                from error
+    def close(self) -> None:
+        """Drop the pipeline; it is rebuilt on next use."""
         self._pipe = None
-        self._rebuilds += 1
-        fed.clear()
-        for indices in pending:
-            fed.append(self._feed(self._prepare(indices)))

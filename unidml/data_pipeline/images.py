@@ -7,18 +7,20 @@ naming the file.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from unidml.errors import UserError
 
 log = logging.getLogger(__name__)
 
 # Leading bytes of the encodings both backends decode.
-SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*",
+              b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")  # ..., JPEG 2000 (jp2, j2k)
 JPEG_END = b"\xff\xd9"
 
 
@@ -36,6 +38,7 @@ def load_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
+            image = ImageOps.exif_transpose(image)  # as DALI's decoders do
             return image.convert("RGB") if image.mode != "RGB" else image.copy()
     except FileNotFoundError:
         raise BadImage(path, "missing file") from None
@@ -60,6 +63,16 @@ def check_encoded(path: str, data: bytes) -> None:
         raise BadImage(path, "not an image (unknown file signature)")
     if data.startswith(b"\xff\xd8") and JPEG_END not in data[-64:]:
         raise BadImage(path, "truncated JPEG (no end-of-image marker)")
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag (1..8) of encoded image bytes; 1 when absent or unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            value = int(image.getexif().get(0x0112, 1))
+    except Exception:  # no EXIF block, or one PIL cannot parse: no rotation
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def read_encoded(path: str) -> bytes:

@@ -5,7 +5,9 @@ replace; the loaders own sampling, resume position and the `data.on_error` polic
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Protocol
+import queue
+import threading
+from typing import Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -14,11 +16,71 @@ from unidml.data_pipeline.images import BadImageLog
 from unidml.data_pipeline.samplers import DistributedBatchSampler
 
 Bad = list[tuple[str, str]]
+T = TypeVar("T")
+_END = object()
 
 
 class Backend(Protocol):
     def batches(self, index_batches: Iterable[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Bad]]:
         """(images float32 NCHW on the device, labels int64, bad images replaced in this batch)."""
+
+    def close(self) -> None:
+        """Release workers/pipelines after an error; the next `batches` call starts afresh."""
+
+
+def _reporting(backend: Backend, index_batches: Iterable[list[int]], bad_log: BadImageLog):
+    """The backend's batches with their bad images passed to `bad_log` (which raises under
+    `on_error=fail`); on any error the backend is closed so no worker lingers."""
+    batches = backend.batches(index_batches)
+    try:
+        for images, labels, bad in batches:
+            for path, detail in bad:
+                bad_log.report(path, detail)
+            yield images, labels
+    except Exception:
+        batches.close()  # stops a background producer before the backend is reset under it
+        backend.close()
+        raise
+
+
+def in_background(items: Iterator[T], depth: int) -> Iterator[T]:
+    """Produce `items` on a daemon thread, at most `depth` ahead of the consumer (overlaps a backend
+    that releases the GIL with the training step). A producer error re-raises in the consumer;
+    closing or abandoning the consumer stops the thread and waits for it."""
+    channel: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, object]) -> bool:
+        while not stop.is_set():
+            try:
+                channel.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, _END))
+        except BaseException as exc:  # handed to the consumer, never lost in the thread
+            put((False, exc))
+
+    thread = threading.Thread(target=produce, name="unidml-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = channel.get()
+            if not ok:
+                raise item
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class Replacements:
@@ -75,9 +137,7 @@ class TrainLoader:
         self.sampler.load_state_dict(state)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, bad in self.backend.batches(iter(self.sampler)):
-            for path, detail in bad:
-                self.bad_log.report(path, detail)
+        for images, labels in _reporting(self.backend, iter(self.sampler), self.bad_log):
             self.sampler.advance()
             yield images, labels
 
@@ -105,7 +165,5 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         chunks = [self.indices[i:i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
-        for chunk, (images, labels, bad) in zip(chunks, self.backend.batches(chunks)):
-            for path, detail in bad:
-                self.bad_log.report(path, detail)
+        for chunk, (images, labels) in zip(chunks, _reporting(self.backend, chunks, self.bad_log)):
             yield images, labels, torch.as_tensor(chunk, dtype=torch.int64)

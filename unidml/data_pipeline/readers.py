@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,12 +25,30 @@ CARS_TRAIN_CLASSES = 98  # classes 0..97 train, 98..195 test
 SELF_RETRIEVAL = {"test": ("test", None)}
 
 
+_escapes: ContextVar[list[tuple[str, str]] | None] = ContextVar("escapes", default=None)
+
+
+@contextmanager
+def collecting_escapes() -> Iterator[list[tuple[str, str]]]:
+    """Within this block readers record paths escaping the root as (path, where) instead of raising
+    (for `unidml data check`, which reports every one and never opens them)."""
+    found: list[tuple[str, str]] = []
+    token = _escapes.set(found)
+    try:
+        yield found
+    finally:
+        _escapes.reset(token)
+
+
 def resolve_inside(root: Path, relpath: str, where: str) -> str:
     """Absolute path of `relpath` under `root`; UserError if it escapes the root (`..`, absolute)."""
     base = os.path.normpath(os.path.abspath(root))
     full = os.path.normpath(os.path.join(base, relpath))
     if os.path.commonpath([base, full]) != base:
-        raise UserError(f"{where}: path '{relpath}' escapes the dataset root {base}")
+        found = _escapes.get()
+        if found is None:
+            raise UserError(f"{where}: path '{relpath}' escapes the dataset root {base}")
+        found.append((full, where))
     return full
 
 

@@ -107,7 +107,8 @@ class MPerClassBatchSampler(DistributedBatchSampler):
             raise UserError(f"data.m_per_class={m} must divide the per-rank batch size {batch_size}")
         self.m = m
         self.classes_per_batch = self.global_batch_size // m
-        self._members = [np.flatnonzero(self.labels == c) for c in np.unique(self.labels)]
+        order = np.argsort(self.labels, kind="stable")
+        self._members = np.split(order, np.flatnonzero(np.diff(self.labels[order])) + 1)  # indices per class
         if len(self._members) < self.classes_per_batch:
             raise UserError(f"m_per_class sampling needs {self.classes_per_batch} classes per global batch "
                             f"({self.global_batch_size} / {m}) but the split has {len(self._members)}")

@@ -3,8 +3,9 @@ Stanford Online Products layout (`Ebay_train.txt` / `Ebay_test.txt`, class-disjo
 
 A class is a combination of five attributes: shape family, part layout (small discs placed in the
 object's own frame), body hue, part hue and body texture (pattern and frequency, in the object's
-frame). Classes are drawn by a random walk in which each new class changes one or two attributes
-of an earlier one, so most classes have near neighbours differing only in a detail. Every instance
+frame). Classes are drawn from a few uniform roots by a random walk in which each new class changes
+one or two attributes of an earlier one, so most classes have near neighbours differing only in a
+detail. The super class (SOP's super_class_id) is the shape family. Every instance
 gets its own nuisances -- background gradient and clutter drawn from the same palette, rotation,
 scale, translation (partial crops), lighting, colour cast, blur, noise and JPEG quality -- so that
 low-level image statistics do not identify the class while the attributes stay visible at 64 px.
@@ -72,8 +73,8 @@ NUM_TEXTURES = 1 + 2 * (len(TEXTURES) - 1)
 ATTRIBUTE_SIZES = (len(SHAPES), len(LAYOUTS), len(HUES), len(HUES), NUM_TEXTURES)
 
 
-def _valid(attrs: tuple[int, ...]) -> bool:
-    return attrs[2] != attrs[3]  # parts must contrast with the body
+def _parts_contrast(attrs: tuple[int, ...]) -> bool:
+    return attrs[2] != attrs[3]  # body hue != part hue
 
 
 def class_specs(classes: int, seed: int) -> list[ClassSpec]:
@@ -95,7 +96,7 @@ def class_specs(classes: int, seed: int) -> list[ClassSpec]:
             for attr in rng.choice(len(ATTRIBUTE_SIZES), size=int(rng.integers(1, 3)), replace=False):
                 child[attr] = (child[attr] + int(rng.integers(1, ATTRIBUTE_SIZES[attr]))) % ATTRIBUTE_SIZES[attr]
             candidate = tuple(child)
-        if _valid(candidate) and candidate not in seen:
+        if _parts_contrast(candidate) and candidate not in seen:
             seen.add(candidate)
             chosen.append(candidate)
     order = rng.permutation(classes)  # early walk steps cluster: mix them over both splits
@@ -284,7 +285,8 @@ def _list_file(params: SynthParams, specs: list[ClassSpec], class_range: range) 
     for index in class_range:
         for instance in range(params.per_class):
             image_id = index * params.per_class + instance + 1
-            lines.append(f"{image_id} {index + 1} {specs[index].super_class} {_class_dir(index + 1)}/{image_id:06d}.jpg")
+            path = f"{_class_dir(index + 1)}/{image_id:06d}.jpg"
+            lines.append(f"{image_id} {index + 1} {specs[index].super_class} {path}")
     return "\n".join(lines) + "\n"
 
 
@@ -313,7 +315,9 @@ def generate_dataset(out: Path, classes: int = 100, per_class: int = 40, size: i
     """Write the synthetic dataset under `out` (SOP layout plus a `synthetic.json` marker) and return
     `out`. Classes 1..T are train, T+1..N test. The tree is built in a sibling temp directory and
     renamed into place, so an interrupted run never leaves a complete-looking dataset; an existing
-    synthetic dataset with the same parameters is kept as is, one with other parameters replaced."""
+    synthetic dataset with the same parameters is kept as is, one with other parameters replaced.
+    `workers` processes render classes in parallel (default: the usable cores, at most 8); the
+    bytes written do not depend on it."""
     out = Path(out)
     target = out.resolve()
     params = SynthParams(int(classes), int(per_class), int(size), int(seed), float(test_fraction))

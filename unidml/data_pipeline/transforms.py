@@ -1,8 +1,11 @@
 """The augmentation recipe (DESIGN.md §3), shared by the DALI and torchvision backends."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from unidml.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,6 +28,9 @@ class Recipe:
 
     @classmethod
     def from_config(cls, data_cfg: Any) -> "Recipe":
+        if data_cfg.resize_size < data_cfg.image_size:
+            raise UserError(f"data.resize_size={data_cfg.resize_size} is smaller than data.image_size="
+                            f"{data_cfg.image_size}: the test center crop would leave the image")
         return cls(int(data_cfg.image_size), int(data_cfg.resize_size), str(data_cfg.train_resize),
                    tuple(float(v) for v in data_cfg.crop_scale), tuple(float(v) for v in data_cfg.crop_ratio),
                    bool(data_cfg.hflip), tuple(float(v) for v in data_cfg.color_jitter))
@@ -66,6 +72,6 @@ def torchvision_transform(recipe: Recipe, train: bool) -> Callable:
         if recipe.jitter:
             ops.append(v2.ColorJitter(*recipe.color_jitter))
     else:
-        ops += [v2.Resize(recipe.resize_size), v2.Lambda(lambda image: center_crop(image, recipe.image_size))]
+        ops += [v2.Resize(recipe.resize_size), v2.Lambda(functools.partial(center_crop, size=recipe.image_size))]
     ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return v2.Compose(ops)

@@ -35,6 +35,21 @@ def _pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+TIMEOUT = timedelta(minutes=30)
+
+
+def _restart_scoped_store(world_size: int) -> dist.Store | None:
+    """Under torchrun the agent's TCPStore outlives a group restart (`--max-restarts`), and the new
+    attempt could read the failed attempt's keys (e.g. gloo peer addresses: "Connection refused"
+    at init). Scope the keys by the restart count; None (the default env:// store) otherwise."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=TIMEOUT)
+    return dist.PrefixStore(f"unidml/attempt_{restart}", store)
+
+
 def init_distributed(requested_device: str = "auto", local_rank_arg: int | None = None) -> DistEnv:
     """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK (NCCL on GPU, gloo on CPU).
 
@@ -47,7 +62,8 @@ def init_distributed(requested_device: str = "auto", local_rank_arg: int | None 
     device = _pick_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=30))
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=TIMEOUT,
+                                store=_restart_scoped_store(world_size))
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
@@ -68,3 +84,14 @@ def barrier(env: DistEnv) -> None:
 def shutdown(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def mean_over_ranks(values: dict[str, float], env: DistEnv) -> dict[str, float]:
+    """Average each value over ranks (every rank must pass the same keys); identity in one process."""
+    if not env.distributed or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                          device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(tensor)
+    return {k: float(v) / env.world_size for k, v in zip(keys, tensor.tolist())}

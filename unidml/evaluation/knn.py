@@ -56,27 +56,46 @@ def sort_rows(scores: np.ndarray, ids: np.ndarray) -> TopK:
     return TopK(np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1))
 
 
+def order_ties(scores: np.ndarray, ids: np.ndarray) -> TopK:
+    """`sort_rows` for lists that FAISS already sorted by score: only rows holding equal scores are
+    re-sorted (rows not sorted by score, which FAISS never returns, are fully sorted too)."""
+    step = np.diff(scores, axis=1)
+    redo = np.flatnonzero(((step == 0) | ~(step <= 0)).any(1))
+    if len(redo):
+        fixed = sort_rows(scores[redo], ids[redo])
+        scores, ids = scores.copy(), ids.copy()
+        scores[redo], ids[redo] = fixed.scores, fixed.ids
+    return TopK(scores, ids)
+
+
 def merge_topk(parts: list[TopK], k: int) -> TopK:
     """Exact top-k of the union of several neighbour lists of the same queries (ties: smaller id)."""
+    if len(parts) == 1:
+        return TopK(parts[0].scores[:, :k], parts[0].ids[:, :k])
     merged = sort_rows(np.concatenate([p.scores for p in parts], 1), np.concatenate([p.ids for p in parts], 1))
     return TopK(merged.scores[:, :k], merged.ids[:, :k])
 
 
 def drop_self(top: TopK, query_ids: np.ndarray, k: int) -> TopK:
     """Remove each query's own index from its list (exclusion by index: duplicates stay) and keep k."""
+    n, have = top.ids.shape
     is_self = top.ids == query_ids[:, None]
-    order = np.argsort(is_self, axis=1, kind="stable")
-    scores = np.take_along_axis(top.scores, order, 1)
-    ids = np.take_along_axis(top.ids, order, 1)
-    moved = np.take_along_axis(is_self, order, 1)
-    scores[moved] = -np.inf
-    ids[moved] = -1
+    position = np.where(is_self.any(1), is_self.argmax(1), have)  # an index occurs at most once per list
+    j = np.arange(min(k, have))[None, :]
+    source = j + (j >= position[:, None])  # column j of the result: skip the query's own column
+    ran_out = source >= have
+    cols = np.minimum(source, have - 1)
+    scores = np.take_along_axis(top.scores, cols, 1)
+    ids = np.take_along_axis(top.ids, cols, 1)
+    scores[ran_out], ids[ran_out] = -np.inf, -1
     return pad(TopK(scores, ids), k)
 
 
 def pad(top: TopK, k: int) -> TopK:
-    """Extend rows to k entries with (score -inf, id -1); entries of a removed self are blanked too."""
+    """Rows cut or extended to k entries, missing ones as (score -inf, id -1)."""
     n, have = top.ids.shape
+    if have == k:
+        return top
     scores = np.full((n, k), -np.inf, np.float32)
     ids = np.full((n, k), -1, np.int64)
     scores[:, :min(have, k)] = top.scores[:, :k]
@@ -99,6 +118,8 @@ class ShardIndex:
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.global_ids = np.asarray(global_ids, dtype=np.int64)
         self.ntotal, dim = self.vectors.shape
+        contiguous = self.ntotal > 0 and np.array_equal(self.global_ids, self.global_ids[0] + np.arange(self.ntotal))
+        self.id_offset = int(self.global_ids[0]) if contiguous else None
         device = torch.device(device)
         self.on_gpu = device.type == "cuda" and faiss_gpu_available()
         if self.on_gpu:
@@ -121,11 +142,15 @@ class ShardIndex:
         with _blas_path_always():
             dist, local = self.index.search(queries, k)
         scores = dist if self.metric == "cosine" else -dist
-        ids = np.where(local >= 0, self.global_ids[np.maximum(local, 0)], -1)
-        return sort_rows(scores.astype(np.float32, copy=False), ids)
+        if self.id_offset is not None:  # a contiguous shard: global id = local id + offset
+            ids = local + self.id_offset
+        else:
+            ids = self.global_ids[local]
+        return order_ties(scores.astype(np.float32, copy=False), ids)
 
     def _full_rows(self, queries: np.ndarray) -> TopK:
-        """All scores of a few queries (the GPU fallback past FAISS's k limit), computed in torch."""
+        """All scores of a few queries, computed in torch: the GPU fallback for ties that run past
+        FAISS GPU's k limit (scores may differ from FAISS's in the last bit there)."""
         q = torch.from_numpy(queries)
         g = torch.from_numpy(self.vectors)
         scores = q @ g.T if self.metric == "cosine" else -torch.cdist(q, g).square()
@@ -139,33 +164,38 @@ class ShardIndex:
         if self.ntotal == 0 or k == 0:
             return pad(TopK(np.zeros((n, 0), np.float32), np.zeros((n, 0), np.int64)), k)
         k_eff = min(k, self.ntotal)
-        out_scores = np.empty((n, k_eff), np.float32)
-        out_ids = np.empty((n, k_eff), np.int64)
+        out = TopK(np.empty((n, k_eff), np.float32), np.empty((n, k_eff), np.int64))
         rows = np.arange(n)
-        fetch = min(self.ntotal, k_eff + max(8, k_eff // 4))
-        while len(rows):
-            if fetch > self.max_k:
-                # Past FAISS GPU's k limit: resolve the remaining tied rows from their full score rows.
-                chunk = max(1, memory_budget_bytes // max(1, ENTRY_BYTES * 2 * self.ntotal))
-                for start in range(0, len(rows), chunk):
-                    sel = rows[start:start + chunk]
-                    top = self._full_rows(queries[sel])
-                    out_scores[sel], out_ids[sel] = top.scores[:, :k_eff], top.ids[:, :k_eff]
+        fetch = min(self.ntotal, self.max_k, k_eff + max(8, k_eff // 4))
+        while True:
+            rows = self._search_rows(queries, rows, k_eff, fetch, out, memory_budget_bytes)
+            grown = min(self.ntotal, self.max_k, 2 * fetch)
+            if not len(rows) or grown == fetch:
                 break
-            unresolved = []
-            chunk = max(1, memory_budget_bytes // (ENTRY_BYTES * 3 * fetch))
-            for start in range(0, len(rows), chunk):
-                sel = rows[start:start + chunk]
-                top = self._search(queries[sel], fetch)
-                tied = (top.scores[:, k_eff - 1] == top.scores[:, fetch - 1]) if fetch < self.ntotal \
-                    else np.zeros(len(sel), bool)
-                done = ~tied
-                out_scores[sel[done]] = top.scores[done, :k_eff]
-                out_ids[sel[done]] = top.ids[done, :k_eff]
-                unresolved.append(sel[tied])
-            rows = np.concatenate(unresolved)
-            fetch = min(self.ntotal, 2 * fetch)
-        return pad(TopK(out_scores, out_ids), k)
+            fetch = grown
+        chunk = max(1, memory_budget_bytes // (ENTRY_BYTES * 2 * self.ntotal))
+        for start in range(0, len(rows), chunk):  # ties beyond FAISS GPU's k limit
+            sel = rows[start:start + chunk]
+            top = self._full_rows(queries[sel])
+            out.scores[sel], out.ids[sel] = top.scores[:, :k_eff], top.ids[:, :k_eff]
+        return pad(out, k)
+
+    def _search_rows(self, queries: np.ndarray, rows: np.ndarray, k: int, fetch: int, out: TopK,
+                     memory_budget_bytes: int) -> np.ndarray:
+        """Search `rows` with `fetch` neighbours, store the top k of rows whose k-th score is above the
+        last fetched one (no tie can continue past the list) and return the other rows."""
+        unresolved = []
+        chunk = max(1, memory_budget_bytes // (ENTRY_BYTES * 3 * fetch))
+        for start in range(0, len(rows), chunk):
+            sel = rows[start:start + chunk]
+            top = self._search(queries[sel], fetch)
+            tied = top.scores[:, k - 1] == top.scores[:, fetch - 1]
+            if fetch == self.ntotal:
+                tied[:] = False  # everything was fetched
+            done = ~tied
+            out.scores[sel[done]], out.ids[sel[done]] = top.scores[done, :k], top.ids[done, :k]
+            unresolved.append(sel[tied])
+        return np.concatenate(unresolved)
 
 
 def query_block_size(num_queries: int, k: int, world_size: int, dim: int, memory_budget_mb: float,

@@ -116,7 +116,8 @@ def normalized_mutual_information(labels: np.ndarray, clusters: np.ndarray) -> f
 
 
 def kmeans_nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
-    """NMI (percent) between the labels and a FAISS k-means clustering with one cluster per class."""
+    """NMI (percent) between the labels and a FAISS k-means clustering with one cluster per class
+    (20 iterations, best of 3 seeded restarts)."""
     import faiss
 
     x = np.ascontiguousarray(embeddings, dtype=np.float32)

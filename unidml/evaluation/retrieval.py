@@ -20,15 +20,24 @@ DEFAULT_METRICS = ("recall", "map_at_r", "r_precision")
 
 
 class LabelLookup:
-    """Label of a global gallery index (-1 for a missing neighbour, whose label is never matched)."""
+    """Label of a global gallery index; a missing neighbour (id -1) gets MISSING, which matches no label."""
+
+    MISSING = np.iinfo(np.int64).min
 
     def __init__(self, ids: np.ndarray, labels: np.ndarray) -> None:
         order = np.argsort(ids, kind="stable")
         self.ids, self.labels = ids[order], labels[order]
+        # Contiguous ids (the usual case): look labels up by offset instead of by binary search.
+        contiguous = len(ids) > 0 and np.array_equal(self.ids, self.ids[0] + np.arange(len(ids)))
+        self.first = int(self.ids[0]) if contiguous else None
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        pos = np.clip(np.searchsorted(self.ids, ids), 0, max(len(self.ids) - 1, 0))
-        return np.where(ids >= 0, self.labels[pos], np.iinfo(np.int64).min)
+        if self.first is not None:
+            pos = ids - self.first
+        else:
+            pos = np.searchsorted(self.ids, ids)
+        pos = np.clip(pos, 0, max(len(self.ids) - 1, 0))
+        return np.where(ids >= 0, self.labels[pos], self.MISSING)
 
 
 def iter_sharded_topk(queries: np.ndarray, query_ids: np.ndarray, index: ShardIndex, k: int, *,

@@ -17,6 +17,7 @@ from unidml.errors import UserError
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("train", "train", "train an embedding network from a YAML config"),
     ("eval", "evaluate", "evaluate a checkpoint: Recall@K, MAP@R, R-Precision"),
+    ("compare", "compare", "train CE and pairwise losses side by side and tabulate them"),
     ("search", "search", "retrieve the nearest gallery images of a query image (contact sheet PNG)"),
     ("launch", "launch", "print or run the torchrun / deepspeed command for a cluster shape"),
     ("data synth", "data_synth", "write the built-in synthetic dataset (SOP layout)"),
@@ -26,6 +27,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unidml", description=__doc__.splitlines()[0])
+    # The deepspeed launcher puts `--local_rank=N` before the subcommand (`python -m unidml --local_rank=0 train ...`).
+    parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for path, module_name, help_text in COMMANDS:

@@ -1,6 +1,8 @@
 """One entry point for the three pairwise backends: reference | tiled | triton (auto picks)."""
 from __future__ import annotations
 
+import os
+
 from torch import Tensor
 
 from unidml.kernels.pairwise.reference import reference_rows
@@ -22,12 +24,14 @@ def resolve_backend(backend: str, spec, is_cuda: bool) -> str:
         return "triton" if is_cuda and triton_supports(spec) else "tiled"
     if backend == "triton" and not triton_supports(spec):
         raise ValueError(f"no triton kernel for {spec.name} with mining '{spec.mining}'; use backend 'tiled'")
+    if backend == "triton" and not is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use 'tiled' or 'auto'")
     return backend
 
 
 def pairwise_rows(spec, x: Tensor, r: Tensor, y: Tensor, ref_y: Tensor, self_offset: int | None,
                   backend: str, chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
-    """Per-anchor (sums, counts), both (n, 2), of row program `spec` on the chosen backend."""
+    """Per-anchor (sums, counts), both (n, 2), of row program `spec` on `backend` (auto resolved here)."""
     chosen = resolve_backend(backend, spec, x.is_cuda)
     if chosen == "reference":
         return reference_rows(spec, x.float(), r.float(), y, ref_y, self_offset)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from unidml.kernels.base import DecomposedLoss
 from unidml.kernels.distributed import all_reduce_sum, cross_rank_active, gather_references, world_size
-from unidml.kernels.pairwise.dispatch import BACKENDS, pairwise_rows
+from unidml.kernels.pairwise.dispatch import BACKENDS, pairwise_rows, resolve_backend
 from unidml.kernels.pairwise.geometry import METRICS
 from unidml.kernels.pairwise.rows import ContrastiveRows, MultiSimilarityRows, SoftNeighbourRows, TripletRows
 from unidml.kernels.registry import register_loss
@@ -31,29 +31,33 @@ class PairwiseLoss(DecomposedLoss):
         self.spec = spec
         self.normalize = normalize or spec.metric == "cosine"
         self.backend = _choice(backend, BACKENDS, "backend")
+        resolve_backend(backend, spec, is_cuda=True)  # refuses e.g. triton for a mining without kernel
         self.cross_rank = cross_rank
         if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
         self.chunk_rows = chunk_rows
 
-    def _prepare(self, z: Tensor) -> Tensor:
+    def _prepare(self, z: Tensor, backend: str) -> Tensor:
         x = z.float()
         if self.normalize:
             x = F.normalize(x, dim=1)
         # The fused kernel reads half precision directly (fp32 accumulation); others compute in fp32.
-        return x.to(z.dtype) if self.backend in ("triton", "auto") and z.is_cuda else x
+        return x.to(z.dtype) if backend == "triton" else x
 
     def compute(self, z: Tensor, y: Tensor, ref_z: Tensor | None,
                 ref_y: Tensor | None) -> tuple[Tensor, Tensor]:
-        x = self._prepare(z)
-        r, r_y, self_offset = (x, y, 0) if ref_z is None else (self._prepare(ref_z), ref_y, None)
+        backend = resolve_backend(self.backend, self.spec, z.is_cuda)
+        x = self._prepare(z, backend)
+        r, r_y, self_offset = (x, y, 0) if ref_z is None else (self._prepare(ref_z, backend), ref_y, None)
         distributed = self.cross_rank and cross_rank_active()
         if distributed:
             r, r_y, offset = gather_references(r, r_y)
             self_offset = offset if ref_z is None else None
-        sums, counts = pairwise_rows(self.spec, x, r, y, r_y, self_offset, self.backend, self.chunk_rows)
-        totals = sums.sum(0)
-        norm = all_reduce_sum(counts.sum(0)).clamp(min=1.0) if distributed else counts.sum(0).clamp(min=1.0)
+        sums, counts = pairwise_rows(self.spec, x, r, y, r_y, self_offset, backend, self.chunk_rows)
+        totals, norm = sums.sum(0), counts.sum(0)
+        if distributed:
+            norm = all_reduce_sum(norm)
+        norm = norm.clamp(min=1.0)
         scale = world_size() if distributed else 1
         return scale * totals[0] / norm[0], scale * totals[1] / norm[1]
 

@@ -5,6 +5,12 @@ part, column 1 the contrast part. `sums` is differentiable in `v`; `counts` are 
 The loss is `T/max(N_t, 1) + C/max(N_c, 1)` with T, C, N_t, N_c the column totals over all anchors,
 so any backend that produces the same per-row sums (whole matrix, row chunks, fused kernel, or
 several ranks) gives the same loss and gradient.
+
+`rows` is written for autograd on dense masks (the reference backend, and the tiled fallback).
+Contrastive, multi-similarity, SNCA and SupCon also give the tiled backend closed forms on a chunk of V with the
+same-label columns listed per row (`tiled.SameColumns`): `chunk_forward(v, cols, y, ref_y) ->
+(sums, counts, saved)` and `chunk_grad(v, cols, y, ref_y, saved, grad_sums) -> dL/dV`; they may
+overwrite `v`.
 """
 from __future__ import annotations
 
@@ -40,15 +46,78 @@ def oriented_margin(margin: float, metric: str) -> float:
     return margin if metric == "euclidean" else -margin
 
 
+def _set_self(v: Tensor, cols, value: float) -> Tensor:
+    """Write `value` at each row's self column (in place, O(rows))."""
+    rows = torch.nonzero(cols.self_col >= 0).squeeze(1)
+    v[rows, cols.self_col[rows]] = value
+    return v
+
+
+def _counts(a: Tensor, b: Tensor) -> Tensor:
+    return torch.stack([a, b], dim=1).to(torch.float32)
+
+
 @dataclass(frozen=True)
 class ContrastiveRows:
-    """Σ_pos (u - m_pos)_+^p and Σ_neg (m_neg - u)_+^p; counts per `reduction`."""
+    """Σ_pos (u - m_pos)_+^p and Σ_neg (m_neg - u)_+^p; counts per `reduction`.
+
+    `chunk_forward` / `chunk_grad` are the tiled backend's closed forms: the negative part is dense
+    over the chunk with same-label entries masked out, the positive part is gathered per row.
+    """
     pos_margin: float
     neg_margin: float
     power: int
     reduction: str
     metric: str
     name = "contrastive"
+
+    def _sign(self) -> float:
+        return 1.0 if self.metric == "euclidean" else -1.0
+
+    def _pos_part(self, v: Tensor) -> Tensor:
+        """relu(σ(v - m_pos)), a new tensor."""
+        out = v - self.pos_margin if self.metric == "euclidean" else torch.rsub(v, self.pos_margin)
+        return out.clamp_min_(0.0)
+
+    def _neg_part(self, v: Tensor, same: Tensor) -> Tensor:
+        """relu(σ(m_neg - v)) with same-label entries zeroed, a new tensor."""
+        out = torch.rsub(v, self.neg_margin) if self.metric == "euclidean" else v - self.neg_margin
+        return out.clamp_min_(0.0).masked_fill_(same, 0.0)
+
+    def chunk_forward(self, v: Tensor, cols, y: Tensor, ref_y: Tensor):
+        neg = self._neg_part(v, y[:, None] == ref_y[None, :])
+        pos = torch.where(cols.pos, self._pos_part(v.gather(1, cols.cols)), 0.0)
+        if self.power == 2:
+            neg.square_()
+            pos.square_()
+        if self.reduction == "mean_nonzero":
+            counts = _counts(torch.count_nonzero(pos, 1), torch.count_nonzero(neg, 1))
+        elif self.reduction == "mean":
+            counts = _counts(cols.pos.sum(1), v.shape[1] - cols.valid.sum(1))
+        else:
+            counts = torch.ones(v.shape[0], 2, device=v.device)
+        active_neg = torch.count_nonzero(neg, 1).to(v.dtype)[:, None]
+        return _stack(pos.sum(1), neg.sum(1)), counts, active_neg
+
+    def sparse_chunk(self, saved: Tensor) -> bool:
+        """No active negative in the chunk: its gradient lives on the positives only."""
+        return not bool(saved.any())
+
+    def positive_grad(self, pos_v: Tensor, cols, grad: Tensor) -> Tensor:
+        """dL/dV at the gathered same-label columns (zero off the positives)."""
+        pos = torch.where(cols.pos, self._pos_part(pos_v), 0.0)
+        if self.power == 2:  # d/dv relu(σ(v - m))² = 2σ relu(...)
+            return pos * (grad[:, 0:1] * (2.0 * self._sign()))
+        return (pos > 0) * (grad[:, 0:1] * self._sign())
+
+    def chunk_grad(self, v: Tensor, cols, y: Tensor, ref_y: Tensor, saved: Tensor, grad: Tensor) -> Tensor:
+        sign = self._sign()
+        neg = self._neg_part(v, y[:, None] == ref_y[None, :])
+        if self.power == 2:  # d/dv relu(σ(m - v))² = -2σ relu(...)
+            g = neg.mul_(grad[:, 1:2] * (-2.0 * sign))
+        else:
+            g = neg.gt_(0.0).mul_(grad[:, 1:2] * -sign)
+        return g.scatter_add_(1, cols.cols, self.positive_grad(v.gather(1, cols.cols), cols, grad))
 
     def rows(self, v: Tensor, pos: Tensor, neg: Tensor, not_self: Tensor) -> tuple[Tensor, Tensor]:
         u = dissimilarity(v, self.metric)
@@ -84,6 +153,38 @@ class MultiSimilarityRows:
         contrast = masked_logsumexp(self.beta * (v - self.base), keep_neg, add_one=True) / self.beta
         return _stack(tight, contrast), torch.ones(v.shape[0], 2, dtype=v.dtype, device=v.device)
 
+    def _kept_negatives(self, v: Tensor, y: Tensor, ref_y: Tensor, easiest_pos: Tensor) -> Tensor:
+        """v with same-label entries and unmined negatives set to -inf (a new tensor)."""
+        v_neg = v.masked_fill(y[:, None] == ref_y[None, :], NEG_INF)
+        return v_neg.masked_fill_(v_neg <= (easiest_pos - self.epsilon)[:, None], NEG_INF)
+
+    def _kept_positives(self, v: Tensor, cols, hardest_neg: Tensor) -> tuple[Tensor, Tensor]:
+        pos_v = v.gather(1, cols.cols)
+        return pos_v, cols.pos & (pos_v - self.epsilon < hardest_neg[:, None])
+
+    def chunk_forward(self, v: Tensor, cols, y: Tensor, ref_y: Tensor):
+        """Closed form for the tiled backend; saves (hardest neg, easiest pos, lse_pos, lse_neg)."""
+        hardest_neg = v.masked_fill(y[:, None] == ref_y[None, :], NEG_INF).amax(1)
+        pos_v, kept_pos = self._kept_positives(v, cols, hardest_neg)
+        easiest_pos = torch.where(cols.pos, pos_v, float("inf")).amin(1)
+        lse_pos = masked_logsumexp(-self.alpha * (pos_v - self.base), kept_pos, add_one=True)
+        # The largest kept negative is the hardest one (when any is kept): shift by it, and by the "1 +".
+        shift = (self.beta * (hardest_neg - self.base)).clamp_min(0.0)
+        v_neg = self._kept_negatives(v, y, ref_y, easiest_pos)
+        total = v_neg.mul_(self.beta).add_((-self.beta * self.base - shift)[:, None]).exp_().sum(1)
+        lse_neg = shift + torch.log(total + torch.exp(-shift))
+        counts = torch.ones(v.shape[0], 2, dtype=v.dtype, device=v.device)
+        saved = torch.stack([hardest_neg, easiest_pos, lse_pos, lse_neg], dim=1)
+        return _stack(lse_pos / self.alpha, lse_neg / self.beta), counts, saved
+
+    def chunk_grad(self, v: Tensor, cols, y: Tensor, ref_y: Tensor, saved: Tensor, grad: Tensor) -> Tensor:
+        hardest_neg, easiest_pos, lse_pos, lse_neg = saved.unbind(1)
+        pos_v, kept_pos = self._kept_positives(v, cols, hardest_neg)
+        pull = torch.where(kept_pos, torch.exp(-self.alpha * (pos_v - self.base) - lse_pos[:, None]), 0.0)
+        v_neg = self._kept_negatives(v, y, ref_y, easiest_pos)
+        push = v_neg.mul_(self.beta).add_((-self.beta * self.base - lse_neg)[:, None]).exp_()
+        return push.mul_(grad[:, 1:2]).scatter_add_(1, cols.cols, pull * -grad[:, 0:1])
+
 
 @dataclass(frozen=True)
 class SoftNeighbourRows:
@@ -112,6 +213,47 @@ class SoftNeighbourRows:
         contrast = torch.where(valid, masked_logsumexp(a, not_self), zero)
         counts = valid.to(v.dtype)[:, None].expand(-1, 2)
         return _stack(tight, contrast), counts
+
+    def _exp(self, v: Tensor, cols, row_max: Tensor) -> Tensor:
+        """E = exp((v - row max)/σ) with the self column at 0, in place on v."""
+        _set_self(v, cols, NEG_INF)
+        return v.sub_(row_max[:, None]).mul_(1.0 / self.temperature).exp_()
+
+    def _positive_weights(self, pos_v: Tensor, cols) -> tuple[Tensor, Tensor]:
+        """(max positive similarity, Σ_pos exp((v - max)/σ)) per row, on the gathered positives."""
+        pos_max = torch.where(cols.pos, pos_v, NEG_INF).amax(1)
+        pos_max = torch.where(torch.isfinite(pos_max), pos_max, 0.0)
+        w = torch.where(cols.pos, ((pos_v - pos_max[:, None]) / self.temperature).exp(), 0.0)
+        return pos_max, w
+
+    def chunk_forward(self, v: Tensor, cols, y: Tensor, ref_y: Tensor):
+        """Closed form for the tiled backend; saves (row max, Σ_{k≠i} E, #pos) per row."""
+        pos_v = v.gather(1, cols.cols)
+        row_max = _set_self(v, cols, NEG_INF).amax(1)
+        row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+        total = self._exp(v, cols, row_max).sum(1)
+        n_pos = cols.pos.sum(1).to(v.dtype)
+        valid = n_pos > 0
+        contrast = torch.where(valid, row_max / self.temperature + torch.log(total), 0.0)
+        if self.per_positive:
+            pull = torch.where(cols.pos, pos_v, 0.0).sum(1) / (self.temperature * n_pos.clamp(min=1))
+        else:
+            pos_max, w = self._positive_weights(pos_v, cols)
+            pull = pos_max / self.temperature + torch.log(w.sum(1).clamp(min=1e-30))
+        tight = torch.where(valid, -pull, 0.0)
+        counts = valid.to(v.dtype)[:, None].expand(-1, 2)
+        return _stack(tight, contrast), counts, torch.stack([row_max, total, n_pos], dim=1)
+
+    def chunk_grad(self, v: Tensor, cols, y: Tensor, ref_y: Tensor, saved: Tensor, grad: Tensor) -> Tensor:
+        row_max, total, n_pos = saved.unbind(1)
+        valid = (n_pos > 0).to(v.dtype)
+        if self.per_positive:
+            pull = cols.pos * (valid * grad[:, 0] / (-self.temperature * n_pos.clamp(min=1)))[:, None]
+        else:
+            _, w = self._positive_weights(v.gather(1, cols.cols), cols)
+            pull = w * (valid * grad[:, 0] / (-self.temperature * w.sum(1).clamp(min=1e-30)))[:, None]
+        push = valid * grad[:, 1] / (self.temperature * total.clamp(min=1e-30))
+        return self._exp(v, cols, row_max).mul_(push[:, None]).scatter_add_(1, cols.cols, pull)
 
 
 @dataclass(frozen=True)

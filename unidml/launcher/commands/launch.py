@@ -1,7 +1,9 @@
 """`unidml launch`: the torchrun or deepspeed command line for a cluster shape (printed, or run).
 
 Example: `unidml launch --nnodes 2 --nproc-per-node 8 --rdzv-endpoint node0:29500 -- train
---config configs/sop.yaml` prints the command to start on every node.
+--config configs/sop.yaml` prints the command to start on every node. A torchrun command gets
+`engine.backend=ddp` appended unless the unidml arguments choose a backend; a deepspeed command gets
+`--deepspeed CONFIG` unless given. DeepSpeed on more than one node needs `--hostfile`.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import argparse
 import os
 import shlex
 import subprocess
+
+from unidml.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,18 +30,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_command(args: argparse.Namespace) -> list[str]:
     """The launcher command line as an argument list."""
-    rest = [a for a in args.unidml_args if a != "--"] or ["train", "--config", "configs/quickstart.yaml"]
+    if args.nnodes < 1 or args.nproc_per_node < 1:
+        raise UserError(f"--nnodes and --nproc-per-node must be >= 1, got {args.nnodes} and {args.nproc_per_node}")
     host, _, port = args.rdzv_endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--rdzv-endpoint: expected HOST:PORT, got '{args.rdzv_endpoint}'")
+    rest = [a for a in args.unidml_args if a != "--"] or ["train", "--config", "configs/quickstart.yaml"]
+    training = rest[0] == "train"
     if args.launcher == "torchrun":
+        if training and not any(a.startswith("engine.backend=") for a in rest) and "--deepspeed" not in rest:
+            rest.append("engine.backend=ddp")
         return ["torchrun", "--nnodes", str(args.nnodes), "--nproc-per-node", str(args.nproc_per_node),
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id,
                 "--max-restarts", str(args.max_restarts), "-m", "unidml", *rest]
+    if args.nnodes > 1 and not args.hostfile:
+        raise UserError("--launcher deepspeed with --nnodes > 1 needs --hostfile (one 'host slots=N' line per node)")
     command = ["deepspeed"]
     if args.hostfile:
         command += ["--hostfile", args.hostfile]
     command += ["--num_nodes", str(args.nnodes), "--num_gpus", str(args.nproc_per_node),
                 "--master_addr", host, "--master_port", port, "--module", "unidml", *rest]
-    if "--deepspeed" not in rest:
+    if training and "--deepspeed" not in rest:
         command += ["--deepspeed", args.deepspeed_config]
     return command
 

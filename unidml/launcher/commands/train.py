@@ -25,13 +25,14 @@ def run(args: argparse.Namespace) -> int:
     if args.deepspeed:
         overrides += ["engine.backend=deepspeed", f"engine.deepspeed_config={args.deepspeed}"]
     cfg = load_config(args.config, overrides, validate_loss=validate_loss_params)
-    env = init_distributed(cfg.engine.device, args.local_rank)
+    local_rank = args.local_rank if args.local_rank is not None else getattr(args, "launcher_local_rank", None)
+    env = init_distributed(cfg.engine.device, local_rank)
     setup_logging(env.rank)
     run_dir = Path(args.out or Path("runs") / Path(args.config).stem)
-    try:
-        result = Trainer(cfg, run_dir, env).fit()
-    finally:
-        shutdown(env)
+    # No collective teardown after a failure: peers may be gone (a killed rank), and the launcher
+    # (torchrun --max-restarts) must see this process exit promptly to restart the group.
+    result = Trainer(cfg, run_dir, env).fit()
+    shutdown(env)
     if env.is_main and result["best"] is not None:
         best = result["best"]
         recalls = ", ".join(f"{k}={v:.2f}" for k, v in best.items() if k.startswith("recall@"))

@@ -1,0 +1,136 @@
+"""Engine behaviour in one process: chunked embeddings (exact gradient), non-finite step skipping,
+resume after a crash from a corrupted checkpoint, profiler traces and the projector snapshot."""
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from unidml.config import load_config
+from unidml.engine.distributed import init_distributed
+from unidml.engine.trainer import Trainer
+from unidml.errors import UserError
+from unidml.kernels import validate_loss_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def base_overrides(data_root: Path) -> list[str]:
+    """Tiny synthetic run (32 train images, batch 16 = 2 steps per epoch), no cross-sample layers."""
+    return [f"data.root={data_root}", "data.synthetic.classes=8", "data.synthetic.per_class=8",
+            "data.synthetic.size=32", "data.image_size=32", "data.resize_size=32", "data.num_workers=0",
+            "data.backend=torchvision", "model.freeze_bn=true", "model.feature_bn=false", "train.batch_size=16",
+            "train.lr=0.05", "train.momentum=0.5", "train.warmup_iters=2", "eval.ks=[1,2]", "eval.batch_size=32",
+            "engine.precision=fp32"]
+
+
+def trainer(run_dir: Path, overrides: list[str], loss: dict | None = None) -> Trainer:
+    """The quickstart config with `overrides`, and its `loss` section replaced by `loss` if given."""
+    config = REPO / "configs" / "quickstart.yaml"
+    if loss is not None:
+        data = yaml.safe_load(config.read_text())
+        data["loss"] = loss
+        config = run_dir.parent / f"{run_dir.name}.yaml"
+        config.write_text(yaml.safe_dump(data))
+    cfg = load_config(config, overrides, validate_loss=validate_loss_params)
+    return Trainer(cfg, run_dir, init_distributed("cpu"))
+
+
+def params(t: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in t.module.named_parameters()}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("loss", [{"name": "cross_entropy", "dropout": 0.3}, {"name": "multi_similarity"}])
+def test_embed_chunks_give_the_full_batch_gradient(tmp_path, loss):
+    """K=4 chunks (gradient caching with RNG replay) == one full-batch pass, for a loss with its own
+    parameters and dropout (cross-entropy) and a pairwise loss."""
+    runs = {}
+    for chunks in (1, 4):
+        t = trainer(tmp_path / f"k{chunks}", base_overrides(tmp_path / "data") + [f"engine.embed_chunks={chunks}", "train.epochs=1"],
+                    loss)
+        before = params(t)
+        batch_sizes = []
+        t.module.model.register_forward_hook(lambda m, i, o: batch_sizes.append(len(o)))
+        means = t.train_epoch(0)
+        # per step: one 16-image forward, or 4 no-grad chunks of 4 then their 4 replays
+        assert batch_sizes == ([16] if chunks == 1 else [4] * 8) * t.steps_per_epoch
+        runs[chunks] = (before, params(t), means)
+    (start1, end1, means1), (start4, end4, means4) = runs[1], runs[4]
+    for name in end1:
+        assert torch.equal(start1[name], start4[name])
+        assert torch.allclose(end1[name], end4[name], rtol=1e-4, atol=1e-6), name
+    assert any(not torch.equal(start1[n], end1[n]) for n in end1)  # training moved the parameters
+    assert means1["train_loss"] == pytest.approx(means4["train_loss"], rel=1e-5)
+
+
+def nan_embeddings(module, inputs, output):
+    return output * float("nan")
+
+
+@pytest.mark.timeout(180)
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
+    t = trainer(tmp_path / "one", base_overrides(tmp_path / "data") + ["train.epochs=1", "engine.max_skipped_steps=3"])
+    before = params(t)
+    handle = t.module.model.register_forward_hook(nan_embeddings)
+    t._micro_batch(*next(iter(t.loader)), last_micro=True)
+    t._optimizer_step()  # NaN loss -> non-finite gradient -> not applied
+    handle.remove()
+    assert t.skipped_total == 1 and t.consecutive_skips == 1 and t.step == 1
+    assert all(torch.equal(before[n], p) for n, p in t.module.named_parameters())
+    t._micro_batch(*next(iter(t.loader)), last_micro=True)
+    t._optimizer_step()
+    assert t.consecutive_skips == 0 and t.skipped_total == 1
+    assert any(not torch.equal(before[n], p) for n, p in t.module.named_parameters())
+
+    run = tmp_path / "stop"
+    t = trainer(run, base_overrides(tmp_path / "data") + ["train.epochs=3", "engine.max_skipped_steps=2"])
+    t.module.model.register_forward_hook(nan_embeddings)
+    with pytest.raises(UserError, match="engine.max_skipped_steps: 2 consecutive non-finite steps"):
+        t.fit()  # epoch 0 is evaluated and checkpointed (NaN embeddings only hurt retrieval), then 2 skips
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 0 and state["step"] == 0
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.timeout(240)
+def test_crash_then_corrupt_checkpoint_resume_matches_uninterrupted_run(tmp_path, caplog):
+    """Run A: 3 epochs straight (with engine.profile=true: traces and the projector snapshot).
+    Run B: crashes at the start of epoch 3; its newest checkpoint is then truncated, so
+    train.resume=auto refuses it, falls back to the epoch-1 checkpoint, and finishes equal to A."""
+    overrides = base_overrides(tmp_path / "data") + ["train.epochs=3"]
+    run_a = tmp_path / "a"
+    a = trainer(run_a, overrides + ["engine.profile=true"])
+    a.fit()
+    traces = sorted((run_a / "profile").glob("trace_step*.json"))
+    assert len(traces) == 1 and json.loads(traces[0].read_text())["traceEvents"]
+    assert (run_a / "tb" / "projector_config.pbtxt").is_file()
+
+    run_b = tmp_path / "b"
+    b = trainer(run_b, overrides)
+    original = b.train_epoch
+
+    def crash_in_epoch_3(epoch, *args):
+        if epoch == 2:
+            raise RuntimeError("simulated crash")
+        return original(epoch, *args)
+
+    b.train_epoch = crash_in_epoch_3
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        b.fit()
+    last = run_b / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING):
+        resumed = trainer(run_b, overrides + ["train.resume=auto"])
+        resumed.fit()
+    assert "last.pt: corrupt or truncated checkpoint" in caplog.text
+    assert resumed.step == a.step == 6
+    for name, value in a.module.state_dict().items():
+        assert torch.allclose(value.float(), resumed.module.state_dict()[name].float(), rtol=1e-5, atol=1e-7), name
+    history_a = json.loads((run_a / "metrics.json").read_text())["epochs"]
+    history_b = json.loads((run_b / "metrics.json").read_text())["epochs"]
+    assert [e["epoch"] for e in history_b] == [0, 1, 2, 3]
+    for ea, eb in zip(history_a, history_b):
+        assert ea["recall@1"] == pytest.approx(eb["recall@1"]) and ea.get("train_loss") == pytest.approx(eb.get("train_loss"))

@@ -1,0 +1,77 @@
+"""The dataset recipes: they hold the authors' settings, validate with every loss variant, and train one
+step on a tiny fixture tree of their dataset's format (small images, ResNet-18, no pretrained weights)."""
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from test_data_fixtures import make_cars, make_cub, make_inshop, make_sop
+
+from unidml.config import load_config
+from unidml.engine.distributed import init_distributed
+from unidml.engine.trainer import Trainer
+from unidml.kernels import validate_loss_params
+from unidml.launcher.study import REPO_VARIANTS, plan_study
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = ("cub", "cars", "sop", "inshop", "sop_large_batch", "inshop_large_batch")
+# DESIGN.md §2-§3: dataset, epochs, lr, momentum, Nesterov, train resize, jitter, BN1d, Recall@K set.
+PAPER = {
+    "cub": ("cub", 30, 0.02, 0.0, False, "shorter", [0.25, 0.25, 0.25, 0.0], False, [1, 2, 4, 8, 16, 32]),
+    "cars": ("cars", 100, 0.05, 0.0, False, "square", [0.3, 0.3, 0.3, 0.1], True, [1, 2, 4, 8, 16, 32]),
+    "sop": ("sop", 100, 0.003, 0.99, True, "square", [0.0] * 4, True, [1, 10, 100, 1000]),
+    "inshop": ("inshop", 100, 0.003, 0.99, True, "none", [0.0] * 4, True, [1, 10, 20, 30, 40, 50]),
+}
+FIXTURES = {"cub": make_cub, "cars": make_cars, "inshop": make_inshop,
+            "sop": lambda root: make_sop(root, train_classes=2, test_classes=2, per_class=2)}
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_recipe_holds_the_authors_settings(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml", validate_loss=validate_loss_params)
+    dataset, epochs, lr, momentum, nesterov, resize, jitter, bn1d, ks = PAPER[name]
+    assert cfg.data.dataset == dataset and cfg.data.sampler == "random"
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.momentum, cfg.train.nesterov) == (epochs, lr, momentum, nesterov)
+    assert (cfg.train.batch_size, cfg.train.weight_decay, cfg.train.warmup_iters) == (128, 5e-4, 100)
+    assert (cfg.data.train_resize, list(cfg.data.color_jitter), list(cfg.eval.ks)) == (resize, jitter, ks)
+    assert (cfg.data.image_size, cfg.data.resize_size, list(cfg.data.crop_scale)) == (224, 256, [0.16, 1.0])
+    assert (cfg.model.arch, cfg.model.pretrained, cfg.model.pretrained_required) == ("resnet50", "IMAGENET1K_V1", True)
+    assert (cfg.model.embedding_dim, cfg.model.freeze_bn, cfg.model.feature_bn) == (0, True, bn1d)
+    assert dict(cfg.loss) == {"name": "cross_entropy", "label_smoothing": 0.1, "dropout": 0.5}
+
+
+@pytest.mark.parametrize("name", ["sop", "inshop"])
+def test_large_batch_recipe_scales_the_recipe(name):
+    small = load_config(CONFIGS / f"{name}.yaml")
+    large = load_config(CONFIGS / f"{name}_large_batch.yaml", validate_loss=validate_loss_params)
+    assert large.train.batch_size >= 1024 and large.engine.backend == "ddp"
+    assert large.train.lr == pytest.approx(small.train.lr * large.train.batch_size / small.train.batch_size)
+    assert large.train.warmup_iters > small.train.warmup_iters
+    assert (large.data, large.model, large.loss, large.eval) == (small.data, small.model, small.loss, small.eval)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_loss_variant_validates_on_every_recipe(name, tmp_path):
+    losses = ["cross_entropy", "contrastive", "triplet", "multi_similarity", "snca", "supcon", "pce"]
+    plan = plan_study(CONFIGS / f"{name}.yaml", losses, 1, tmp_path)
+    assert sorted(p.stem for p in REPO_VARIANTS.glob("*.yaml")) == sorted(losses[1:])
+    base_train = OmegaConf.to_container(load_config(CONFIGS / f"{name}.yaml").train)
+    for run in plan:
+        assert run.cfg.loss.name == run.loss
+        assert run.cfg.data.sampler == ("random" if run.loss == "cross_entropy" else "m_per_class")
+        assert OmegaConf.to_container(run.cfg.train) == {**base_train, "seed": 0, "resume": "auto"}
+        assert (run.cfg.model, run.cfg.eval) == (plan[0].cfg.model, plan[0].cfg.eval)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", list(PAPER))  # the large-batch recipes share these data/model/loss sections
+def test_recipe_trains_one_step_on_a_fixture_tree(name, tmp_path):
+    root = FIXTURES[name](tmp_path / "data")
+    overrides = [f"data.root={root}", "model.arch=resnet18", "model.pretrained=", "data.image_size=32",
+                 "data.resize_size=36", "data.num_workers=0", "data.backend=torchvision", "train.epochs=1",
+                 "train.batch_size=4", "engine.precision=fp32", "engine.backend=single", "eval.batch_size=8"]
+    cfg = load_config(CONFIGS / f"{name}.yaml", overrides, validate_loss=validate_loss_params)
+    trainer = Trainer(cfg, tmp_path / "run", init_distributed("cpu"))
+    result = trainer.fit()
+    assert trainer.step >= 1
+    assert [entry["epoch"] for entry in result["epochs"]] == [0, 1]
+    assert f"recall@{cfg.eval.ks[0]}" in result["best"] and "mi_knn" in result["best"]

@@ -1,0 +1,58 @@
+"""A contact sheet PNG: the query image followed by its nearest gallery images with their scores."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+CAPTION_HEIGHT = 30
+MARGIN = 6
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved gallery image: its path and the caption line under it (e.g. 'cos 0.873')."""
+
+    path: str
+    caption: str
+
+
+def _tile(path: str, size: int) -> Image.Image:
+    with Image.open(path) as image:
+        return ImageOps.pad(image.convert("RGB"), (size, size), color=(235, 235, 235))
+
+
+def _name(path: str) -> str:
+    """The file name with its folder (often the class)."""
+    return f"{Path(path).parent.name}/{Path(path).name}"
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
+
+
+def write_contact_sheet(query_path: str, hits: Sequence[Hit], out_path: str | Path, *, thumb: int = 160,
+                        columns: int = 5) -> Path:
+    """Draw the query (first cell, framed) and the hits in rank order on a grid; save as PNG."""
+    cells = [(query_path, "query", _name(query_path))]
+    cells += [(hit.path, f"#{rank} {hit.caption}", _name(hit.path)) for rank, hit in enumerate(hits, 1)]
+    columns = max(1, min(columns, len(cells)))
+    rows = -(-len(cells) // columns)
+    cell_w, cell_h = thumb + 2 * MARGIN, thumb + CAPTION_HEIGHT + 2 * MARGIN
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    chars = max(8, thumb // 6)
+    for i, (path, title, name) in enumerate(cells):
+        x, y = (i % columns) * cell_w + MARGIN, (i // columns) * cell_h + MARGIN
+        sheet.paste(_tile(path, thumb), (x, y))
+        if i == 0:
+            draw.rectangle((x - 3, y - 3, x + thumb + 2, y + thumb + 2), outline=(30, 90, 200), width=3)
+        draw.text((x, y + thumb + 2), _short(title, chars), fill="black", font=font)
+        draw.text((x, y + thumb + 15), _short(name, chars), fill=(90, 90, 90), font=font)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out_path, format="PNG")
+    return out_path

@@ -1,0 +1,289 @@
+"""Fused Triton kernels for the pairwise row programs (FlashAttention-style, never writing n x m).
+
+Forward (`rows_fwd`): one program per block of anchor rows streams reference tiles through SRAM,
+computes the tile's dot products with fp32 accumulation (bf16/fp16/fp32 inputs), turns them into
+pair values and masks, and keeps only per-row statistics: online log-sum-exp (running max + scaled
+sum), running hardest positive / negative with their column, sums and counts. Multi-similarity takes
+two passes (mining thresholds, then the masked log-sum-exps).
+Backward (`rows_bwd_dx`, `rows_bwd_dr`): recompute each tile, form dL/dV from the saved row
+statistics, and accumulate dX = G·R (row-block programs) and dR = Gᵀ·X (column-block programs),
+each over a block of feature columns.
+Half-precision tiles go to tl.dot as they are (tensor cores, fp32 accumulation); `DOT_F32` upcasts
+them first, which is used under TRITON_INTERPRET=1 only, whose bf16 dot is not faithful (bf16 x bf16
+products are exact in fp32, so the result is the same up to summation order).
+
+Loss ids: 0 contrastive, 1 multi-similarity, 2 SNCA, 3 SupCon, 4 batch-hard triplet.
+Parameters P0..P3 per loss: contrastive (pos margin on u, neg margin on u, sign, -), MS (α, β,
+base, ε), SNCA/SupCon (temperature, -, -, -), batch-hard (margin, -, sign, -); `sign` maps V to the
+dissimilarity u = sign·V (+1 distances, -1 similarities).
+Row statistics S0..S3 saved for backward: MS (lse_pos, lse_neg, hardest neg, easiest pos),
+SNCA/SupCon (lse_all, lse_pos, #positives, -), batch-hard (active, -, -, -) plus its two columns.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot_tile(X, R, rows, cols, n, m, d, sx, sr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(X + rows[:, None] * sx + ks[None, :], mask=(rows[:, None] < n) & (ks[None, :] < d), other=0.0)
+        b = tl.load(R + cols[:, None] * sr + ks[None, :], mask=(cols[:, None] < m) & (ks[None, :] < d), other=0.0)
+        if DOT_F32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, EUCLID: tl.constexpr,
+          HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          DOT_F32: tl.constexpr):
+    """Pair values V (cosine or distance) and positive / negative masks of one tile."""
+    dots = _dot_tile(X, R, rows, cols, n, m, d, sx, sr, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+    yi = tl.load(Y + rows, mask=rows < n, other=0)
+    yj = tl.load(RY + cols, mask=cols < m, other=0)
+    inside = (rows[:, None] < n) & (cols[None, :] < m)
+    same = yi[:, None] == yj[None, :]
+    pos = same & inside
+    if HAS_SELF:
+        pos = pos & (cols[None, :] != rows[:, None] + self_offset)
+    neg = (yi[:, None] != yj[None, :]) & inside
+    if EUCLID:
+        xs = tl.load(XSQ + rows, mask=rows < n, other=0.0)
+        rs = tl.load(RSQ + cols, mask=cols < m, other=0.0)
+        d2 = xs[:, None] + rs[None, :] - 2.0 * dots
+        v = tl.where(d2 > 0, tl.sqrt(tl.maximum(d2, 0.0)), 0.0)
+    else:
+        v = dots
+    return v, pos, neg
+
+
+@triton.jit
+def _lse_update(run_max, run_sum, a, keep):
+    """Online log-sum-exp: fold the kept entries of tile `a` into (running max, scaled sum)."""
+    new_max = tl.maximum(run_max, tl.max(tl.where(keep, a, -1.0e30), 1))
+    scaled = tl.exp(tl.where(keep, a - new_max[:, None], -1.0e30))
+    return new_max, run_sum * tl.exp(run_max - new_max) + tl.sum(scaled, 1)
+
+
+@triton.jit
+def _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3,
+               LOSS: tl.constexpr, POWER: tl.constexpr):
+    """dL/dV of one tile from the row statistics and the upstream gradients (gt, gc) of the row sums."""
+    if LOSS == 0:
+        u = v * P2
+        over = tl.where(pos & (u - P0 > 0), 1.0, 0.0)
+        under = tl.where(neg & (P1 - u > 0), 1.0, 0.0)
+        if POWER == 2:
+            over = over * 2.0 * (u - P0)
+            under = under * 2.0 * (P1 - u)
+        g = (gt[:, None] * over - gc[:, None] * under) * P2
+    elif LOSS == 1:
+        keep_p = pos & (v - P3 < s2[:, None])
+        keep_n = neg & (v + P3 > s3[:, None])
+        wp = tl.exp(tl.where(keep_p, -P0 * (v - P2) - s0[:, None], -1.0e30))
+        wn = tl.exp(tl.where(keep_n, P1 * (v - P2) - s1[:, None], -1.0e30))
+        g = gc[:, None] * wn - gt[:, None] * wp
+    elif LOSS == 2 or LOSS == 3:
+        a = v / P0
+        g = gc[:, None] * tl.exp(tl.where(pos | neg, a - s0[:, None], -1.0e30)) / P0
+        if LOSS == 2:
+            g -= gt[:, None] * tl.exp(tl.where(pos, a - s1[:, None], -1.0e30)) / P0
+        else:
+            g -= tl.where(pos, gt[:, None] / (tl.maximum(s2, 1.0)[:, None] * P0), 0.0)
+        g = tl.where((s2 > 0)[:, None], g, 0.0)
+    else:
+        hit_p = tl.where(cols[None, :] == j0[:, None], gt[:, None], 0.0)
+        hit_n = tl.where(cols[None, :] == j1[:, None], gc[:, None], 0.0)
+        g = tl.where((s0 > 0)[:, None], (hit_p - hit_n) * P2, 0.0)
+    return g
+
+
+@triton.jit
+def rows_fwd(X, R, XSQ, RSQ, Y, RY, SUMS, COUNTS, STATS, IDX, n, m, d, sx, sr, self_offset,
+             P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, REDUCTION: tl.constexpr,
+             EUCLID: tl.constexpr, HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    zero = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_t, acc_c, cnt_t, cnt_c = zero, zero, zero, zero
+    max_a, sum_a, max_b, sum_b = zero - 1.0e30, zero, zero - 1.0e30, zero
+    best_a, best_b = zero - 1.0e30, zero + 1.0e30
+    idx_a = tl.zeros([BLOCK_M], dtype=tl.int32)
+    idx_b = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if LOSS == 1:  # pass 1: hardest negative and easiest positive similarity per anchor
+        for c0 in range(0, m, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N)
+            v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset,
+                                EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+            best_a = tl.maximum(best_a, tl.max(tl.where(neg, v, -1.0e30), 1))
+            best_b = tl.minimum(best_b, tl.min(tl.where(pos, v, 1.0e30), 1))
+        max_a, sum_a, max_b, sum_b = zero, zero + 1.0, zero, zero + 1.0  # the "1 +" term
+    for c0 in range(0, m, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset,
+                            EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+        if LOSS == 0:
+            u = v * P2
+            over = tl.where(pos, tl.maximum(u - P0, 0.0), 0.0)
+            under = tl.where(neg, tl.maximum(P1 - u, 0.0), 0.0)
+            if POWER == 2:
+                over = over * over
+                under = under * under
+            acc_t += tl.sum(over, 1)
+            acc_c += tl.sum(under, 1)
+            if REDUCTION == 0:
+                cnt_t += tl.sum(tl.where(over > 0, 1.0, 0.0), 1)
+                cnt_c += tl.sum(tl.where(under > 0, 1.0, 0.0), 1)
+            else:
+                cnt_t += tl.sum(tl.where(pos, 1.0, 0.0), 1)
+                cnt_c += tl.sum(tl.where(neg, 1.0, 0.0), 1)
+        elif LOSS == 1:
+            keep_p = pos & (v - P3 < best_a[:, None])
+            keep_n = neg & (v + P3 > best_b[:, None])
+            max_a, sum_a = _lse_update(max_a, sum_a, -P0 * (v - P2), keep_p)
+            max_b, sum_b = _lse_update(max_b, sum_b, P1 * (v - P2), keep_n)
+        elif LOSS == 2 or LOSS == 3:
+            a = v / P0
+            max_a, sum_a = _lse_update(max_a, sum_a, a, pos | neg)
+            if LOSS == 2:
+                max_b, sum_b = _lse_update(max_b, sum_b, a, pos)
+            else:
+                acc_t += tl.sum(tl.where(pos, a, 0.0), 1)
+            cnt_t += tl.sum(tl.where(pos, 1.0, 0.0), 1)
+        else:
+            u = v * P2
+            up = tl.where(pos, u, -1.0e30)
+            tile_max = tl.max(up, 1)
+            better = tile_max > best_a
+            idx_a = tl.where(better, c0 + tl.argmax(up, 1), idx_a)
+            best_a = tl.where(better, tile_max, best_a)
+            un = tl.where(neg, u, 1.0e30)
+            tile_min = tl.min(un, 1)
+            better = tile_min < best_b
+            idx_b = tl.where(better, c0 + tl.argmin(un, 1), idx_b)
+            best_b = tl.where(better, tile_min, best_b)
+            cnt_t += tl.sum(tl.where(pos, 1.0, 0.0), 1)
+            cnt_c += tl.sum(tl.where(neg, 1.0, 0.0), 1)
+    s0, s1, s2, s3 = zero, zero, zero, zero
+    if LOSS == 0:
+        if REDUCTION == 2:
+            cnt_t, cnt_c = zero + 1.0, zero + 1.0
+    elif LOSS == 1:
+        s0 = max_a + tl.log(sum_a)
+        s1 = max_b + tl.log(sum_b)
+        s2, s3 = best_a, best_b
+        acc_t, acc_c, cnt_t, cnt_c = s0 / P0, s1 / P1, zero + 1.0, zero + 1.0
+    elif LOSS == 2 or LOSS == 3:
+        valid = cnt_t > 0
+        s0 = tl.where(sum_a > 0, max_a + tl.log(tl.maximum(sum_a, 1e-30)), 0.0)
+        s1 = tl.where(valid, max_b + tl.log(tl.maximum(sum_b, 1e-30)), 0.0)
+        s2 = cnt_t
+        if LOSS == 2:
+            acc_t = tl.where(valid, -s1, 0.0)
+        else:
+            acc_t = tl.where(valid, -acc_t / tl.maximum(cnt_t, 1.0), 0.0)
+        acc_c = tl.where(valid, s0, 0.0)
+        cnt_t = tl.where(valid, 1.0, 0.0)
+        cnt_c = cnt_t
+    else:
+        valid = (cnt_t > 0) & (cnt_c > 0)
+        hard_p = tl.where(valid, best_a, 0.0)
+        hard_n = tl.where(valid, best_b, 0.0)
+        active = valid & (hard_p - hard_n + P0 > 0)
+        s0 = tl.where(active, 1.0, 0.0)
+        acc_t = tl.where(active, hard_p, 0.0)
+        acc_c = tl.where(active, P0 - hard_n, 0.0)
+        cnt_t, cnt_c = s0, s0
+    keep = rows < n
+    tl.store(SUMS + rows * 2, acc_t, mask=keep)
+    tl.store(SUMS + rows * 2 + 1, acc_c, mask=keep)
+    tl.store(COUNTS + rows * 2, cnt_t, mask=keep)
+    tl.store(COUNTS + rows * 2 + 1, cnt_c, mask=keep)
+    tl.store(STATS + rows * 4, s0, mask=keep)
+    tl.store(STATS + rows * 4 + 1, s1, mask=keep)
+    tl.store(STATS + rows * 4 + 2, s2, mask=keep)
+    tl.store(STATS + rows * 4 + 3, s3, mask=keep)
+    tl.store(IDX + rows * 2, idx_a, mask=keep)
+    tl.store(IDX + rows * 2 + 1, idx_b, mask=keep)
+
+
+@triton.jit
+def _row_state(GS, STATS, IDX, rows, n):
+    keep = rows < n
+    gt = tl.load(GS + rows * 2, mask=keep, other=0.0)
+    gc = tl.load(GS + rows * 2 + 1, mask=keep, other=0.0)
+    s0 = tl.load(STATS + rows * 4, mask=keep, other=0.0)
+    s1 = tl.load(STATS + rows * 4 + 1, mask=keep, other=0.0)
+    s2 = tl.load(STATS + rows * 4 + 2, mask=keep, other=0.0)
+    s3 = tl.load(STATS + rows * 4 + 3, mask=keep, other=0.0)
+    j0 = tl.load(IDX + rows * 2, mask=keep, other=-1)
+    j1 = tl.load(IDX + rows * 2 + 1, mask=keep, other=-1)
+    return gt, gc, s0, s1, s2, s3, j0, j1
+
+
+@triton.jit
+def rows_bwd_dx(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DX, n, m, d, sx, sr, self_offset,
+                P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
+                HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    gt, gc, s0, s1, s2, s3, j0, j1 = _row_state(GS, STATS, IDX, rows, n)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    h_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, m, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)
+        v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset,
+                            EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+        g = _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3, LOSS, POWER)
+        if EUCLID:  # dD/dx_i = (x_i - r_j) / D
+            h = tl.where(v > 0, g / tl.where(v > 0, v, 1.0), 0.0)
+            h_sum += tl.sum(h, 1)
+            g = -h
+        r_tile = tl.load(R + cols[:, None] * sr + feats[None, :], mask=(cols[:, None] < m) & (feats[None, :] < d),
+                         other=0.0)
+        g = g.to(r_tile.dtype)
+        if DOT_F32:
+            g, r_tile = g.to(tl.float32), r_tile.to(tl.float32)
+        acc += tl.dot(g, r_tile, input_precision="ieee")
+    mask = (rows[:, None] < n) & (feats[None, :] < d)
+    if EUCLID:
+        x_tile = tl.load(X + rows[:, None] * sx + feats[None, :], mask=mask, other=0.0)
+        acc += x_tile.to(tl.float32) * h_sum[:, None]
+    tl.store(DX + rows[:, None] * d + feats[None, :], acc, mask=mask)
+
+
+@triton.jit
+def rows_bwd_dr(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DR, n, m, d, sx, sr, self_offset,
+                P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
+                HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    h_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, n, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        gt, gc, s0, s1, s2, s3, j0, j1 = _row_state(GS, STATS, IDX, rows, n)
+        v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset,
+                            EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+        g = _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3, LOSS, POWER)
+        if EUCLID:  # dD/dr_j = (r_j - x_i) / D
+            h = tl.where(v > 0, g / tl.where(v > 0, v, 1.0), 0.0)
+            h_sum += tl.sum(h, 0)
+            g = -h
+        x_tile = tl.load(X + rows[:, None] * sx + feats[None, :], mask=(rows[:, None] < n) & (feats[None, :] < d),
+                         other=0.0)
+        g = g.to(x_tile.dtype)
+        if DOT_F32:
+            g, x_tile = g.to(tl.float32), x_tile.to(tl.float32)
+        acc += tl.dot(tl.trans(g), x_tile, input_precision="ieee")
+    mask = (cols[:, None] < m) & (feats[None, :] < d)
+    if EUCLID:
+        r_tile = tl.load(R + cols[:, None] * sr + feats[None, :], mask=mask, other=0.0)
+        acc += r_tile.to(tl.float32) * h_sum[:, None]
+    tl.store(DR + cols[:, None] * d + feats[None, :], acc, mask=mask)

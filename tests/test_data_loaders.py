@@ -288,3 +288,23 @@ def test_exif_orientation_applied_after_tensor_decode(tmp_path, orientation):
         plain = decode_jpeg(raw, mode=ImageReadMode.RGB)
     assert exif_orientation(data) == orientation
     assert torch.equal(orient(plain, orientation), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_augmentations_depend_only_on_seed_and_epoch(sop, backend):
+    """A loader resumed at epoch 1 (fresh object) draws exactly the augmentations of one that went
+    through epoch 0 first: what exact resume at epoch boundaries needs."""
+    cfg = _cfg(sop, backend, color_jitter=[0.3, 0.3, 0.3, 0.0], num_workers=1)
+    train = build_dataset(cfg).train
+    through = _train(cfg, train)
+    through.set_epoch(0)
+    epoch0 = list(through)
+    through.set_epoch(1)
+    epoch1 = list(through)
+    resumed = _train(cfg, train)
+    resumed.set_epoch(1)
+    again = list(resumed)
+    assert len(again) == len(epoch1) > 0
+    for (x, y), (rx, ry) in zip(epoch1, again):
+        assert torch.equal(y, ry) and torch.equal(x, rx)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(epoch0, epoch1))

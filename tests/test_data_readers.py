@@ -125,14 +125,27 @@ def test_validation_split_is_class_disjoint_and_seeded(tmp_path):
     assert any(not np.array_equal(o, val.classes) for o in others)
 
 
-def test_synthetic_reads_an_existing_tree_without_regenerating(tmp_path):
+def test_synthetic_refuses_a_folder_holding_another_dataset(tmp_path):
     make_sop(tmp_path, train_classes=2, test_classes=2, per_class=2, size=(8, 8))
-    ds = build_dataset(_cfg(dataset="synthetic", root=str(tmp_path)))
-    assert ds.name == "synthetic" and len(ds.train) == 4 and len(ds.splits["test"]) == 4
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(UserError, match="no synthetic dataset") as info:
+        build_dataset(_cfg(dataset="synthetic", root=str(tmp_path)))
+    assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing touched
+
+
+def test_synthetic_reuses_an_identical_tree_and_regenerates_a_stale_one(tmp_path):
+    params = dict(classes=4, per_class=3, size=16, seed=0, test_fraction=0.5)
+    cfg = _cfg(dataset="synthetic", root=str(tmp_path / "syn"), synthetic=SyntheticConfig(**params))
+    build_dataset(cfg)
+    marker = tmp_path / "syn" / "synthetic.json"
+    stamp = marker.stat().st_mtime_ns
+    assert len(build_dataset(cfg).train) == 6 and marker.stat().st_mtime_ns == stamp  # reused as is
+    bigger = _cfg(dataset="synthetic", root=str(tmp_path / "syn"), synthetic=SyntheticConfig(**{**params, "per_class": 4}))
+    assert len(build_dataset(bigger).train) == 8  # parameters changed: regenerated
 
 
 def test_synthetic_generates_when_absent(tmp_path):
-    pytest.importorskip("unidml.data_pipeline.synthetic")
     cfg = _cfg(dataset="synthetic", root=str(tmp_path / "syn"),
                synthetic=SyntheticConfig(classes=4, per_class=3, size=16, seed=0, test_fraction=0.5))
     ds = build_dataset(cfg)

@@ -8,6 +8,7 @@ statistics); the classifier's dropout is 0.
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,13 +86,15 @@ def fp32_reference(tmp_path_factory) -> tuple[Path, list[str], dict]:
 def run_agents(commands: list[list[str]], cwd: Path, env: dict[str, str], timeout: float) -> str:
     """Start the launcher commands together, wait for all; assert they succeed; return their output."""
     logs = [open(cwd / f"agent{i}.log", "w") for i in range(len(commands))]
-    agents = [subprocess.Popen(c, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT) for c, log in zip(commands, logs)]
+    agents = [subprocess.Popen(c, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+              for c, log in zip(commands, logs)]
     try:
         codes = [agent.wait(timeout=timeout) for agent in agents]
     finally:
-        for agent in agents:
+        for agent in agents:  # a hung launcher: end it together with the workers it started
             if agent.poll() is None:
-                agent.kill()
+                os.killpg(agent.pid, signal.SIGKILL)
+                agent.wait()
         for log in logs:
             log.close()
     text = "".join((cwd / f"agent{i}.log").read_text() for i in range(len(commands)))
@@ -170,3 +173,26 @@ def test_deepspeed_zero1_bf16_two_ranks_matches_one_process(tmp_path):
     rows, want_rows = metric_rows(tmp_path / "ds"), metric_rows(tmp_path / "single")
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert rows[-1]["train_loss"] == pytest.approx(want_rows[-1]["train_loss"], rel=5e-2)
+
+
+@pytest.mark.timeout(240)
+def test_deepspeed_resume_skips_a_corrupt_tag_and_reaches_the_same_parameters(tmp_path):
+    """One-process DeepSpeed (ZeRO-1, fp32): after a finished 2-epoch run, the newest DeepSpeed tag is
+    truncated; train.resume=auto refuses it, loads the epoch-1 tag through DeepSpeed's load_checkpoint,
+    retrains epoch 2 and ends with the same parameters."""
+    run = tmp_path / "ds"
+    command = [sys.executable, "-m", "unidml", "train", "--config", str(CONFIG), "--out", str(run),
+               "--deepspeed", str(REPO / "configs" / "deepspeed" / "zero1.json"), *equivalence_overrides(tmp_path / "data")]
+    first = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=200)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    finished = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    states = run / "checkpoints" / "deepspeed" / "epoch0002" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:2000])
+
+    again = subprocess.run(command + ["train.resume=auto"], cwd=tmp_path, env=child_env(), capture_output=True,
+                           text=True, timeout=200)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-3000:]
+    assert "epoch0002" in output and "trying the previous DeepSpeed checkpoint" in output
+    assert "resumed from" in output and "epoch0001 at epoch 1, step 2" in output
+    assert max_param_diff(torch.load(run / "checkpoints" / "last.pt", weights_only=True), finished) < 1e-6

@@ -77,3 +77,9 @@ def test_cli_reports_bad_override_in_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("unidml: error: override 'train.lrr=0.1': key 'train.lrr'") and "\n" not in err
+
+
+def test_cli_takes_overrides_after_options(capsys):
+    code = main(["train", "--config", str(REPO / "configs" / "quickstart.yaml"), "--deepspeed", "ds.json", "train.lrr=0.1"])
+    assert code == 2
+    assert "key 'train.lrr'" in capsys.readouterr().err

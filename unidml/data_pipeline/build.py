@@ -22,7 +22,11 @@ def build_dataset(data_cfg: Any, seed: int = 0) -> DatasetDescription:
     the optional class-disjoint validation split (`data.val_classes`, chosen by `seed`)."""
     root = Path(data_cfg.root)
     if data_cfg.dataset == "synthetic":  # returns at once when `root` already holds these parameters
-        from unidml.data_pipeline.synthetic import generate_dataset
+        from unidml.data_pipeline.synthetic import generate_dataset, read_marker
+
+        if root.is_dir() and any(root.iterdir()) and read_marker(root) is None:
+            raise UserError(f"data.root {root}: holds files but no synthetic dataset (no synthetic.json); "
+                            f"point data.root at a new folder, or set data.dataset for the format it holds")
 
         s = data_cfg.synthetic
         generate_dataset(root, classes=int(s.classes), per_class=int(s.per_class), size=int(s.size),
@@ -32,7 +36,7 @@ def build_dataset(data_cfg: Any, seed: int = 0) -> DatasetDescription:
 
 
 def resolve_backend(name: str) -> str:
-    """`auto` → DALI when it is installed (faster on CPU too, see docs/benchmarks_data.md), else
+    """`auto` → DALI when it is installed (faster on CPU too, see docs/benchmarks.md), else
     torchvision; an explicit choice is checked."""
     has_dali = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
     if name == "auto":

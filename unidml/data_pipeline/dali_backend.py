@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from unidml.data_pipeline.images import BadImage, load_rgb, read_encoded
-from unidml.data_pipeline.loaders import Bad, Replacements, in_background
+from unidml.data_pipeline.loaders import Bad, Replacements, epoch_seed, in_background
 from unidml.data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, Recipe
 
 PREFETCH_BATCHES = 2  # batches decoded ahead of the consumer (on a background thread)
@@ -118,12 +118,13 @@ class DaliBackend:
         self.known_bad: dict[int, tuple[str, str]] = {}
         self._pipe = None
         self._rebuilds = 0
+        self.epoch = 0
 
     def _pipeline(self):
         if self._pipe is None:
             self._pipe = build_pipeline(self.recipe, train=self.train, batch_size=self.batch_size,
                                         num_threads=self.num_threads, device_id=self.device_id,
-                                        seed=self.seed + 7919 * self._rebuilds)
+                                        seed=(epoch_seed(self.seed, self.epoch) + self._rebuilds) % (2**31 - 1))
         return self._pipe
 
     def _encoded(self, index: int, bad: Bad) -> tuple[int, np.ndarray]:
@@ -206,6 +207,12 @@ class DaliBackend:
     def batches(self, index_batches: Iterable[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Bad]]:
         """Batches decoded on a background thread (DALI releases the GIL), `PREFETCH_BATCHES` ahead."""
         return in_background((self._run(indices) for indices in index_batches), depth=PREFETCH_BATCHES)
+
+    def set_epoch(self, epoch: int) -> None:
+        """A new pipeline seeded from (seed, epoch) serves the epoch."""
+        self.epoch = epoch
+        self._rebuilds = 0
+        self.close()
 
     def close(self) -> None:
         """Drop the pipeline; it is rebuilt on next use."""

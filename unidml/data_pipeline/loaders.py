@@ -27,6 +27,15 @@ class Backend(Protocol):
     def close(self) -> None:
         """Release workers/pipelines after an error; the next `batches` call starts afresh."""
 
+    def set_epoch(self, epoch: int) -> None:
+        """Restart the augmentation random stream at a state fixed by (seed, epoch), so a run resumed
+        at an epoch boundary draws the same augmentations as an uninterrupted one."""
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The backend seed of one epoch: distinct per (seed, epoch), within DALI's int32 range."""
+    return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
+
 
 def _reporting(backend: Backend, index_batches: Iterable[list[int]], bad_log: BadImageLog):
     """The backend's batches with their bad images passed to `bad_log` (which raises under
@@ -120,6 +129,7 @@ class TrainLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+        self.backend.set_epoch(epoch)
 
     @property
     def epoch(self) -> int:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from unidml.data_pipeline.images import BadImage, exif_orientation, load_rgb, read_encoded
-from unidml.data_pipeline.loaders import Bad, Replacements
+from unidml.data_pipeline.loaders import Bad, Replacements, epoch_seed
 
 WORKER_TIMEOUT_S = 600  # a stuck worker raises instead of hanging the run
 
@@ -161,6 +161,7 @@ class TorchvisionBackend:
         self.num_workers = num_workers
         self.device = device
         self.seed = seed
+        self.epoch = 0
         self._loader: DataLoader | None = None
         self._source = _Reiterable()
 
@@ -172,7 +173,7 @@ class TorchvisionBackend:
                 pin_memory=self.device.type == "cuda" and self.decoder is None, persistent_workers=workers > 0,
                 timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
                 prefetch_factor=2 if workers > 0 else None,
-                generator=torch.Generator().manual_seed(self.seed))
+                generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
         return self._loader
 
     def batches(self, index_batches: Iterable[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Bad]]:
@@ -182,6 +183,12 @@ class TorchvisionBackend:
             if self.decoder is not None:
                 first, second = self.decoder(first, second, bad)
             yield first.to(self.device, non_blocking=non_blocking), second.to(self.device), bad
+
+    def set_epoch(self, epoch: int) -> None:
+        """New workers seeded from (seed, epoch). With `num_workers=0` the transforms draw from the
+        process's torch RNG instead, which the trainer reseeds per epoch."""
+        self.epoch = epoch
+        self.close()
 
     def close(self) -> None:
         """Stop the worker processes now (after an error) instead of whenever the iterator is

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -105,6 +106,8 @@ class DeepSpeedBackend:
         if not dist.is_initialized():  # a one-process DeepSpeed run still needs a process group
             backend = "nccl" if env.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        for key, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
+            os.environ.setdefault(key, str(value))  # DeepSpeed reads them even when the group exists
         self.env = env
         self.config = deepspeed_config(cfg, env.world_size)
         self.module = module

@@ -177,7 +177,7 @@ def plot_training_curves(metrics: dict[str, list[dict]], splits: Sequence[str], 
         axes[0].plot(*_epoch_means(runs, lambda e: e.get("train_loss")), marker=".", label=loss)
         for ax, split in zip(axes[1:], splits):
             ax.plot(*_epoch_means(runs, lambda e, s=split: e["splits"].get(s, {}).get("recall@1")), marker=".", label=loss)
-    axes[0].set_ylabel("training loss (epoch mean; each loss on its own scale)")
+    axes[0].set_ylabel("training loss (epoch mean, own scale per loss)")
     for ax, split in zip(axes[1:], splits):
         ax.set_ylabel(f"{split} Recall@1 (%)")
     for ax in axes:

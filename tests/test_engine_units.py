@@ -123,3 +123,25 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path):
         checkpoint.save_atomic({"bad": lambda: None}, directory / "last.pt")  # not picklable
     assert checkpoint.load(directory / "last.pt")["step"] == 1
     assert [p.name for p in directory.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_backend_step_reports_the_norm_and_clips_only_when_asked(clip):
+    from unidml.config import load_config
+    from unidml.engine.backends import TorchBackend
+    from unidml.engine.distributed import init_distributed
+
+    cfg = load_config(None, [f"train.grad_clip={clip}", "train.lr=0.5", "train.momentum=0", "train.weight_decay=0",
+                             "train.warmup_iters=1", "engine.precision=fp32"])
+    module = nn.Linear(3, 2)
+    backend = TorchBackend(module, cfg, init_distributed("cpu"), total_steps=10)
+    grads = [torch.full_like(p, 2.0) for p in module.parameters()]
+    before = [p.detach().clone() for p in module.parameters()]
+    for p, g in zip(module.parameters(), grads):
+        p.grad = g.clone()
+    outcome = backend.step()
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads)).item()
+    assert outcome.applied and outcome.grad_norm == pytest.approx(norm)
+    scale = min(1.0, clip / norm) if clip else 1.0
+    for p, b, g in zip(module.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), b - 0.5 * scale * g)

@@ -107,8 +107,11 @@ class TorchBackend:
     def step(self) -> StepOutcome:
         """Unscale, clip, and step unless the gradient norm is non-finite; then advance the schedule."""
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
-        grad_norm = float(nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        total = nn.utils.get_total_norm([p.grad for p in params])
+        if self.grad_clip > 0:
+            nn.utils.clip_grads_with_norm_(params, self.grad_clip, total)
+        grad_norm = float(total)  # clip_grad_norm_ would also rescale every gradient, costly on CPU
         applied = math.isfinite(grad_norm)
         if applied:
             self.scaler.step(self.optimizer)

@@ -6,9 +6,9 @@ the CE classifier, proxies or centers) is wrapped together with the network in `
 the backend (`engine.backend`: single | ddp | deepspeed, see `backends`) reduces, steps and
 checkpoints its parameters too.
 
-Determinism: the torch RNG is reseeded at every epoch start from (seed, epoch, rank), and
-checkpoints are written at epoch ends, so a resumed run repeats exactly what an uninterrupted run
-does (with `data.num_workers=0`; see docs/cluster.md for the data-loader caveat).
+Determinism: the torch RNG is reseeded at every epoch start from (seed, epoch, rank), the data
+backends reseed their augmentations per epoch, and checkpoints are written at epoch ends, so a
+resumed run repeats exactly what an uninterrupted run does (docs/cluster.md).
 """
 from __future__ import annotations
 

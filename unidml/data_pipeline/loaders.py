@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator, Protocol, TypeVar
+from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
 import numpy as np
 import torch
 
-from unidml.data_pipeline.images import BadImageLog
+from unidml.data_pipeline.images import BadImage, BadImageLog
 from unidml.data_pipeline.samplers import DistributedBatchSampler
 
 Bad = list[tuple[str, str]]
@@ -113,6 +113,16 @@ class Replacements:
             j = (index + k) % n
             if self.labels[j] != self.labels[index]:
                 yield j
+
+    def first_readable(self, index: int, read: Callable[[int], T], bad: Bad) -> tuple[int, T]:
+        """(used index, `read(used index)`) for `index` or its first stand-in that reads; every bad
+        file met on the way is appended to `bad`."""
+        for candidate in self.candidates(index):
+            try:
+                return candidate, read(candidate)
+            except BadImage as exc:
+                bad.append((exc.path, exc.detail))
+        raise RuntimeError(f"no readable image left in the split (first bad: {bad[0][0]})")
 
 
 class TrainLoader:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from unidml.data_pipeline.images import BadImage, exif_orientation, load_rgb, read_encoded
+from unidml.data_pipeline.images import exif_orientation, load_rgb, read_encoded
 from unidml.data_pipeline.loaders import Bad, Replacements, epoch_seed
 
 WORKER_TIMEOUT_S = 600  # a stuck worker raises instead of hanging the run
@@ -35,14 +35,8 @@ class DecodedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, Bad]:
         bad: Bad = []
-        for candidate in self.replacements.candidates(index):
-            try:
-                image = load_rgb(self.paths[candidate])
-            except BadImage as exc:
-                bad.append((exc.path, exc.detail))
-                continue
-            return self.transform(image), int(self.labels[candidate]), bad
-        raise RuntimeError(f"no readable image left in the split (first bad: {bad[0][0]})")
+        used, image = self.replacements.first_readable(index, lambda i: load_rgb(self.paths[i]), bad)
+        return self.transform(image), int(self.labels[used]), bad
 
 
 class EncodedFiles(Dataset):
@@ -58,14 +52,8 @@ class EncodedFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[tuple[torch.Tensor, int], int, Bad]:
         bad: Bad = []
-        for candidate in self.replacements.candidates(index):
-            try:
-                data = read_encoded(self.paths[candidate])
-            except BadImage as exc:
-                bad.append((exc.path, exc.detail))
-                continue
-            return (torch.frombuffer(bytearray(data), dtype=torch.uint8), exif_orientation(data)), candidate, bad
-        raise RuntimeError(f"no readable image left in the split (first bad: {bad[0][0]})")
+        used, data = self.replacements.first_readable(index, lambda i: read_encoded(self.paths[i]), bad)
+        return (torch.frombuffer(bytearray(data), dtype=torch.uint8), exif_orientation(data)), used, bad
 
 
 def _collate_encoded(samples: list[tuple[tuple[torch.Tensor, int], int, Bad]]
@@ -108,12 +96,8 @@ class TensorDecoder:
     def _pil(self, index: int, bad: Bad) -> tuple[torch.Tensor, int]:
         from torchvision.transforms.v2.functional import pil_to_tensor
 
-        for candidate in self.replacements.candidates(index):
-            try:
-                return pil_to_tensor(load_rgb(self.paths[candidate])).to(self.device), candidate
-            except BadImage as exc:
-                bad.append((exc.path, exc.detail))
-        raise RuntimeError("no readable image left in the split")
+        used, image = self.replacements.first_readable(index, lambda i: load_rgb(self.paths[i]), bad)
+        return pil_to_tensor(image).to(self.device), used
 
     def __call__(self, encoded: list[tuple[torch.Tensor, int]], used: list[int], bad: Bad
                  ) -> tuple[torch.Tensor, torch.Tensor]:

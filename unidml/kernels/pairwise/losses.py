@@ -1,7 +1,6 @@
 """Pairwise losses as modules: contrastive, triplet, multi-similarity, SNCA, SupCon."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from unidml.kernels.pairwise.geometry import pair_masks, pair_values
+from unidml.kernels.pairwise.geometry import pair_masks
 
 CHUNK_ELEMENTS = 1 << 21  # 8 MiB of fp32 per chunk-sized temporary
 

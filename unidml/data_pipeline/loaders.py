@@ -14,6 +14,7 @@ import torch
 
 from unidml.data_pipeline.images import BadImage, BadImageLog
 from unidml.data_pipeline.samplers import DistributedBatchSampler
+from unidml.seeding import derived_seed
 
 Bad = list[tuple[str, str]]
 T = TypeVar("T")
@@ -33,8 +34,8 @@ class Backend(Protocol):
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
-    """The backend seed of one epoch: distinct per (seed, epoch), within DALI's int32 range."""
-    return (seed * 1_000_003 + epoch * 7919) % (2**31 - 1)
+    """The backend seed of one epoch: `derived_seed(seed, epoch)` within DALI's int32 range."""
+    return derived_seed(seed, epoch) % (2**31 - 1)
 
 
 def _reporting(backend: Backend, index_batches: Iterable[list[int]], bad_log: BadImageLog):

@@ -12,7 +12,6 @@ resumed run repeats exactly what an uninterrupted run does (docs/cluster.md).
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import random
@@ -39,6 +38,7 @@ from unidml.errors import UserError
 from unidml.evaluation import evaluate_model, extract_embeddings
 from unidml.evaluation.diagnostics import diagnostic_sample, mi_diagnostics
 from unidml.kernels import build_loss_from_config
+from unidml.seeding import derived_seed
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,6 @@ class TrainStep(nn.Module):
         if cached is not None:
             return cached.surrogate(embeddings)
         return self.loss(embeddings, labels)
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed that depends only on `parts` (seed, epoch, rank): resumable, rank-distinct."""
-    digest = hashlib.sha256(",".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def seed_everything(seed: int) -> None:

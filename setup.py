@@ -1,17 +1,45 @@
-"""Install unidml: `pip install -e .` (add `[test]` for the test suite's oracles)."""
+"""Install unidml: `pip install -e .` for the core (CPU or GPU, any platform torch supports), or with extras:
+
+- `dali`: NVIDIA DALI data loader (the torchvision loader is used without it)
+- `deepspeed`: `engine.backend=deepspeed` (DDP needs nothing extra)
+- `triton`: fused GPU loss kernels (the tiled kernels are used without it)
+- `gpu`: faiss-gpu for k-NN on the GPU and DALI built for CUDA 13 (on a CUDA machine, instead of faiss-cpu)
+- `timm`, `export` (ONNX), `study` (Optuna tuning): the backbones, exporters and tuner that need them
+- `all`: every extra that installs on any Linux machine (not `gpu`); `test`: the test suite and its oracles
+
+`pip install -e ".[all,test]"` is what the test suite runs with.
+"""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "unidml" / "__init__.py").read_text()).group(1)
+
+EXTRAS = {
+    "dali": ["nvidia-dali-cuda130"],
+    "deepspeed": ["deepspeed"],
+    "triton": ["triton"],
+    "gpu": ["faiss-gpu", "nvidia-dali-cuda130"],
+    "timm": ["timm"],
+    "export": ["onnx", "onnxruntime"],
+    "study": ["optuna"],
+    "test": ["pytest", "pytest-timeout", "pytorch-metric-learning>=2.0", "ruff", "psutil"],
+}
+EXTRAS["all"] = sorted({req for name in ("dali", "deepspeed", "triton", "timm", "export", "study")
+                        for req in EXTRAS[name]})
 
 setup(
     name="unidml",
-    version="0.1.0",
-    description="Distributed deep metric learning: cross-entropy vs pairwise losses (Boudiaf et al., ECCV 2020)",
+    version=VERSION,
+    description="Deep metric learning training: cross-entropy and pairwise losses side by side, honest Recall@K",
     python_requires=">=3.10",
     packages=find_packages(include=["unidml", "unidml.*"]),
     install_requires=[
-        "torch>=2.4,<=2.14.1",
-        "torchvision>=0.19,<=0.29.1",
+        "torch>=2.4",
+        "torchvision>=0.19",
         "numpy",
-        "scipy",
+        "scipy",  # the Cars196 annotation file (.mat)
         "pillow",
         "pyyaml",
         "omegaconf>=2.3",
@@ -19,12 +47,7 @@ setup(
         "matplotlib",
         "tensorboard",
         "faiss-cpu",
-        "nvidia-dali-cuda130",
-        "deepspeed",
-        "triton",
     ],
-    extras_require={
-        "test": ["pytest", "pytest-timeout", "pytorch-metric-learning>=2.0"],
-    },
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["unidml=unidml.launcher.cli:main"]},
 )

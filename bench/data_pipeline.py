@@ -7,8 +7,8 @@ of `build_train_loader` (train recipe) and `build_eval_loader` (test recipe) for
 a 3-batch warm-up, in this one process (median of `--repeats`, backends alternating). Prints
 images/s and the DALI/torchvision ratio, plus images per CPU-second (this process and its worker
 processes; psutil), which a busy machine still measures fairly. Use a few thousand images: both
-backends prefetch a few batches, which inflates short runs. The thread count is torchvision's `num_workers` and DALI's `num_threads` (both from
-`data.num_workers`).
+backends prefetch a few batches, which inflates short runs. The thread count is torchvision's
+`num_workers` and DALI's `num_threads` (both from `data.num_workers`).
 """
 from __future__ import annotations
 
@@ -112,8 +112,9 @@ def main() -> None:
                     runs[backend].append(measure(root, backend, recipe, extra, args))
             (tv_wall, tv_cpu), (dali_wall, dali_cpu) = (
                 tuple(statistics.median(v[k] for v in runs[b]) for k in (0, 1)) for b in ("torchvision", "dali"))
-            print(f"{recipe:<38} img/s: torchvision {tv_wall:6.1f}  dali {dali_wall:6.1f}  ratio {dali_wall / tv_wall:.2f}x"
-                  f"   | img/CPU-s: torchvision {tv_cpu:6.1f}  dali {dali_cpu:6.1f}  ratio {dali_cpu / tv_cpu:.2f}x")
+            print(f"{recipe:<38} img/s: torchvision {tv_wall:6.1f}  dali {dali_wall:6.1f}  "
+                  f"ratio {dali_wall / tv_wall:.2f}x   | img/CPU-s: torchvision {tv_cpu:6.1f}  "
+                  f"dali {dali_cpu:6.1f}  ratio {dali_cpu / tv_cpu:.2f}x")
         print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 

@@ -7,7 +7,8 @@ so class sizes vary), self-retrieval; metrics Recall@1, MAP@R and R-Precision wi
 size (what AccuracyCalculator's k="max_bin_count" does). Every measurement runs in a fresh process
 that loads the same saved arrays, so its peak RSS (minus the RSS after loading) is the method's own
 working memory. Methods:
-  ours      unidml.evaluation.retrieval_metrics (FAISS IndexFlatIP, exact ties), one process
+  ours      unidml.evaluation.retrieval_metrics (FAISS IndexFlatIP proposes candidates, exact float64
+            re-scoring orders them), one process; also prints the re-scoring share of its time
   ours x2   the same search sharded over 2 gloo ranks (1 thread each), exact merge
   pml       pytorch_metric_learning AccuracyCalculator(k="max_bin_count")
   torch     plain torch brute force: 2048-row blocks of X @ X.T, self masked, topk
@@ -52,11 +53,37 @@ def current_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------- methods (child side)
+class Timed:
+    """Wraps a method: wall seconds spent in it, calls and query rows passed to it."""
+
+    def __init__(self, cls, name: str) -> None:
+        self.seconds, self.rows, self.inner = 0.0, 0, getattr(cls, name)
+        timed = self
+
+        def wrapper(index, queries, *rest, **kw):
+            start = time.perf_counter()
+            try:
+                return timed.inner(index, queries, *rest, **kw)
+            finally:
+                timed.seconds += time.perf_counter() - start
+                timed.rows += len(queries) if name == "_propose" else len(rest[0])
+
+        setattr(cls, name, wrapper)
+
+
 def run_ours(x, labels, args) -> dict:
     from unidml.evaluation import retrieval_metrics
+    from unidml.evaluation.knn import ShardIndex
 
+    # Re-scoring = exact float64 scores of each query's contenders and their sort (ShardIndex._finish);
+    # proposals = FAISS searches, first pass and widened re-searches (ShardIndex._propose).
+    rescoring, proposals = Timed(ShardIndex, "_finish"), Timed(ShardIndex, "_propose")
+    start = time.perf_counter()
     out = retrieval_metrics(x, labels, ks=(1,), memory_budget_mb=args.budget)
-    return {"recall@1": out["recall@1"], "map@r": out["map@r"], "r_precision": out["r_precision"]}
+    total = time.perf_counter() - start
+    return {"recall@1": out["recall@1"], "map@r": out["map@r"], "r_precision": out["r_precision"],
+            "rescoring_s": rescoring.seconds, "rescoring_share": rescoring.seconds / total,
+            "faiss_s": proposals.seconds, "proposal_passes": proposals.rows / len(x)}
 
 
 def run_pml(x, labels, args) -> dict:
@@ -213,9 +240,13 @@ def main() -> None:
             print(f"{method:8s} wall {r['wall']:7.1f}s  cpu {r['cpu']:7.1f}s  peak +{r['mem']:7.0f} MB  "
                   f"R@1 {m['recall@1']:.4f}  MAP@R {m['map@r']:.4f}  RP {m['r_precision']:.4f}", flush=True)
         if "ours" in results:
+            m = results["ours"]["metrics"]
+            print(f"ours: exact re-scoring {m['rescoring_s']:.2f}s = {100 * m['rescoring_share']:.1f}% of its wall "
+                  f"time; FAISS proposals {m['faiss_s']:.1f}s, {m['proposal_passes']:.4f} search passes per query")
             for method in [m for m in results if m != "ours"]:
                 print(f"{method} / ours: wall x{results[method]['wall'] / results['ours']['wall']:.2f}, "
                       f"cpu x{results[method]['cpu'] / results['ours']['cpu']:.2f}")
+        print(f"load average at the end {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min)")
         if args.large_gallery:
             g, gl = make_data(20000 + args.large_gallery, args.dim, args.large_gallery // 10, seed=1)
             np.save(Path(tmp) / "x.npy", g)

@@ -5,8 +5,9 @@
 #      on a mismatch);
 #   2. forward+backward time and peak memory at n=16384, d=512, bf16: triton vs reference vs PML
 #      (losses_16k.md / .json / .png);
-#   3. n=65536 runs through the Triton kernels (losses_64k.md / .json);
-#   4. the lead's ResNet-50 bf16 train-step timing (bench/train_step_gpu.py, when present).
+#   3. n=65536 runs through the Triton kernels (losses_64k.md / .json); 3b. fused classifier CE at
+#      n=16384, C=10^6, bf16 vs F.linear + F.cross_entropy (classifier_1m.md / .json);
+#   4. the ResNet-50 bf16 train-step timing (bench/train_step_gpu.py, when present).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_check_out}"
@@ -42,10 +43,16 @@ python bench/losses.py --device cuda --dtype bfloat16 --sizes 65536 --reps 3 \
   --json "$OUT/losses_64k.json" > "$OUT/losses_64k.md"
 cat "$OUT/losses_64k.md"
 
-# 4. ---- LEAD: ResNet-50 bf16 train-step timing (owned by the lead; runs only if the file exists) ----
+# 3b. Fused classifier cross-entropy at n = 16384, d = 512, C = 10^6, bf16: Triton vs F.linear + F.cross_entropy
+#     (the materialised logits alone are 16384 x 10^6 bf16 = 32 GB; the baseline may run out of memory).
+python bench/classifier.py --device cuda --dtype bfloat16 --n 16384 --classes 1000000 --reps 3 \
+  --methods fused_ce torch_ce --json "$OUT/classifier_1m.json" > "$OUT/classifier_1m.md"
+cat "$OUT/classifier_1m.md"
+
+# 4. ---- ResNet-50 bf16 train-step timing (runs only if the file exists) ----
 if [ -f bench/train_step_gpu.py ]; then
   python bench/train_step_gpu.py --out "$OUT"
 fi
-# ---- end of the lead's section ----
+# ---- end of the train-step section ----
 
 exit $status

@@ -52,7 +52,7 @@ def _make_step(name: str, backend: str):
         loss, miner = _pml_loss(name)
         return lambda z, y: loss(z, y, miner(z, y) if miner is not None else None)
     sys.path.insert(0, str(ROOT))
-    from unidml.kernels import build_loss
+    from unidml.losses import build_loss
 
     loss_name, params = CASES.get(name, (name, {}))
     loss = build_loss(loss_name, backend=backend, **params)
@@ -131,8 +131,8 @@ def verify(device: str, dtype: str, backends: list[str], n: int = 1000, d: int =
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from unidml.kernels import build_loss
     from unidml.kernels.pairwise.dispatch import pairwise_rows, triton_supports
+    from unidml.losses import build_loss
 
     torch.manual_seed(0)
     z = torch.randn(n, d, device=device)

@@ -19,9 +19,9 @@ import torch
 from omegaconf import OmegaConf
 
 from unidml.config import ModelConfig, TrainConfig
-from unidml.engine.model import build_model
 from unidml.engine.optim import build_optimizer
-from unidml.kernels import build_loss
+from unidml.losses import build_loss
+from unidml.models import build_model
 
 
 def main() -> None:
@@ -31,7 +31,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--out", default=os.environ.get("OUT", ""), help="directory for train_step_gpu.json (default: $OUT)")
+    parser.add_argument("--out", default=os.environ.get("OUT", ""),
+                        help="directory for train_step_gpu.json (default: $OUT)")
     args = parser.parse_args()
     result: dict = {"bench": "train_step_gpu", "arch": "resnet50", "batch": args.batch, "image_size": args.image_size,
                     "precision": "bf16", "channels_last": True}

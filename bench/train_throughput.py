@@ -21,10 +21,11 @@ from omegaconf import OmegaConf
 
 from unidml.config import load_config
 from unidml.engine.distributed import init_distributed
-from unidml.engine.model import build_model
 from unidml.engine.optim import build_optimizer
 from unidml.engine.trainer import Trainer
-from unidml.kernels import build_loss_from_config, validate_loss_params
+from unidml.losses import build_loss_from_config, validate_loss_params
+from unidml.models import build_model
+from unidml.runtime.precision import precision_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,14 +53,14 @@ def plain_loop(trainer: Trainer) -> float:
     if cfg.engine.channels_last:
         module = module.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(module, cfg.train)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision)
+    precision = precision_of(cfg)
     module.train()
     trainer.loader.set_epoch(2)  # a fresh epoch (the engine just finished epoch 1)
     seen, start = 0, time.perf_counter()  # a whole epoch, as the engine's figure (both loops are warm)
-    for i, (images, labels) in enumerate(trainer.loader):
+    for images, labels in trainer.loader:
         if cfg.engine.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(trainer.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with precision.autocast(trainer.device):
             loss = loss_fn(model(images), labels)
         loss.backward()
         optimizer.step()

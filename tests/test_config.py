@@ -64,7 +64,7 @@ def test_resolved_yaml_round_trips():
 
 
 def test_every_shipped_config_loads():
-    from unidml.kernels import validate_loss_params
+    from unidml.losses import validate_loss_params
     configs = sorted((REPO / "configs").glob("*.yaml"))
     assert configs
     for path in configs:

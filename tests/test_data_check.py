@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_data_fixtures import make_cars, make_cub, make_inshop, make_sop, write_odd
+from test_data_fixtures import make_cars, make_cub, make_inshop, make_sop, write_jpeg, write_odd
+from test_faults_fixtures import write_bomb
 
 from unidml.launcher.cli import main
 
@@ -74,3 +75,50 @@ def test_index_errors_and_text_summary(capsys, tmp_path):
     (tmp_path / "Ebay_train.txt").write_text("image_id class_id super_class_id path\n1 one 1 a.jpg\n")
     code, out = _check(capsys, "--dataset", "sop", "--root", str(tmp_path))
     assert code == 1 and "Ebay_train.txt:2: malformed line" in out and "status: NOT usable" in out
+
+
+def test_symlinks_leading_outside_the_root_are_escapes(capsys, tmp_path):
+    """Containment is decided on the real path: a symlinked file or folder inside the root that
+    points outside is an escape (never opened); a symlink staying inside is fine."""
+    root = make_sop(tmp_path / "sop")
+    outside = write_jpeg(tmp_path / "elsewhere" / "secret.jpg")
+    (root / "linked_file.jpg").symlink_to(outside)
+    (root / "linked_dir").symlink_to(outside.parent, target_is_directory=True)
+    (root / "inside_link.jpg").symlink_to(root / "class001_final/1_0.JPG")
+    index = root / "Ebay_test.txt"
+    index.write_text(index.read_text() + "90 7 1 linked_file.jpg\n91 7 1 linked_dir/secret.jpg\n"
+                                          "92 7 1 inside_link.jpg\n")
+    code, report = _json(capsys, "sop", root)
+    escapes = sorted((p["path"].split("sop/")[1], p["detail"])
+                     for p in report["problems"] if p["kind"] == "escapes_root")
+    assert code == 1 and not report["usable"]
+    assert [e[0] for e in escapes] == ["linked_dir/secret.jpg", "linked_file.jpg"]
+    for (_, detail), line in zip(escapes, (12, 11)):
+        assert f"Ebay_test.txt:{line} (a symlink to {outside})" in detail
+    # the in-root symlink is a second name for a train image: a duplicate, not an escape
+    duplicates = [p for p in report["problems"] if p["kind"] == "duplicate"]
+    assert [p["path"] for p in duplicates] == [str(root / "class001_final/1_0.JPG")]
+    assert "splits: train, test" in duplicates[0]["detail"]
+
+
+def test_duplicates_single_image_classes_and_oversized_images(capsys, tmp_path):
+    root = make_sop(tmp_path, train_classes=3, test_classes=3, per_class=2)
+    index = root / "Ebay_test.txt"
+    lines = index.read_text().splitlines()
+    lines.append(lines[1])  # the same line twice: same id, same file
+    lines = [line for line in lines if not line.endswith("6_1.JPG")]  # class 6 keeps one image
+    index.write_text("\n".join(lines) + "\n")
+    write_bomb(root / "class002_final/2_0.JPG")
+    code, report = _json(capsys, "sop", root)
+    by_kind = {}
+    for problem in report["problems"]:
+        by_kind.setdefault(problem["kind"], []).append(problem)
+    assert sorted(by_kind) == ["duplicate", "duplicate_id", "single_image_class", "too_large"]
+    assert by_kind["duplicate"][0]["path"].endswith("class004_final/4_0.JPG")
+    assert by_kind["duplicate_id"][0]["path"].endswith("Ebay_test.txt:7")
+    assert "image id 7 already on" in by_kind["duplicate_id"][0]["detail"]
+    assert "split 'test': 1 classes with a single image (labels 5)" in by_kind["single_image_class"][0]["detail"]
+    assert "900000000 pixels" in by_kind["too_large"][0]["detail"]
+    assert code == 0 and report["usable"]  # all of these leave the tree usable ...
+    code, out = _check(capsys, "--dataset", "sop", "--root", str(root), "--strict")
+    assert code == 1 and "too_large: " in out  # ... but not under --strict

@@ -35,12 +35,14 @@ def bad_sop(tmp_path_factory) -> tuple[Path, set[str], set[str]]:
     missing = root / "class004_final/4_3.JPG"
     missing.unlink()
     bad.add(str(missing))
-    odd = {str(write_odd(root / f"class00{1 + i}_final/{1 + i}_2.JPG", kind)) for i, kind in enumerate(READABLE_ODD_KINDS)}
+    odd = {str(write_odd(root / f"class00{1 + i}_final/{1 + i}_2.JPG", kind))
+           for i, kind in enumerate(READABLE_ODD_KINDS)}
     return root, bad, odd
 
 
 def _cfg(root: Path, backend: str, **kw):
-    base = dict(dataset="sop", root=str(root), backend=backend, image_size=16, resize_size=20, num_workers=1)
+    base = dict(dataset="sop", root=str(root), backend=backend, image_size=16, resize_size=20, num_workers=1,
+                val_classes=0.0)
     return OmegaConf.structured(DataConfig(**{**base, **kw}))
 
 
@@ -147,15 +149,51 @@ def test_skip_replaces_bad_images_and_lists_them_once(bad_sop, backend, tmp_path
     loader = _train(cfg, train, batch=4, run_dir=tmp_path)
     for epoch in range(2):
         loader.set_epoch(epoch)
-        for images, labels in loader:
+        for images, _ in loader:
             assert images.shape == (4, 3, 16, 16) and bool(torch.isfinite(images).all())
     assert loader.bad_images == len(bad) == 5 and loader.bad_log.encounters >= 2 * 5
     listed = [line.split("\t")[0] for line in (tmp_path / "bad_images.txt").read_text().splitlines()]
     assert sorted(listed) == sorted(bad) and not set(listed) & odd
     # a replacement comes from the bad sample's class whenever the class has a readable image
-    eval_loader = build_eval_loader(cfg, train, batch_size=6, rank=0, world_size=1, device=CPU)
-    labels = torch.cat([b[1] for b in eval_loader])
-    assert labels.tolist() == train.labels.tolist()
+    chunks = [list(range(i, min(i + 6, len(train)))) for i in range(0, len(train), 6)]
+    batches = list(_direct_backend(cfg, train, substitute=True).batches(chunks))
+    assert torch.cat([b.labels for b in batches]).tolist() == train.labels.tolist()
+    assert [i for b in batches for i in b.kept] == list(range(len(train)))
+
+
+def _direct_backend(cfg, images: ImageSet, substitute: bool, **kw):
+    """A backend over `images` in sequential order, substituting (training) or not (evaluation)."""
+    from unidml.data_pipeline.dali_backend import DaliBackend
+    from unidml.data_pipeline.torchvision_backend import TorchvisionBackend
+    from unidml.data_pipeline.transforms import Recipe, torchvision_transform
+
+    recipe = Recipe.from_config(cfg)
+    if cfg.backend == "dali":
+        return DaliBackend(images.paths, images.labels, recipe, train=substitute, batch_size=6, num_threads=1,
+                           device=CPU, seed=0, **kw)
+    return TorchvisionBackend(images.paths, images.labels, torchvision_transform(recipe, substitute), num_workers=1,
+                              device=CPU, seed=0, substitute=substitute, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluation_leaves_bad_images_out_and_names_them(bad_sop, backend, tmp_path):
+    """No stand-ins in evaluation: a substitute would be an exact duplicate in the gallery."""
+    root, bad, odd = bad_sop
+    cfg = _cfg(root, backend, num_workers=2)
+    train = build_dataset(cfg).train
+    loader = build_eval_loader(cfg, train, batch_size=6, rank=0, world_size=1, device=CPU, run_dir=tmp_path)
+    batches = list(loader)
+    indices = torch.cat([b[2] for b in batches]).tolist()
+    readable = [i for i, p in enumerate(train.paths) if p not in bad]
+    assert indices == readable and torch.cat([b[1] for b in batches]).tolist() == train.labels[readable].tolist()
+    assert all(b[0].shape[0] == len(b[1]) == len(b[2]) for b in batches)
+    assert loader.unreadable == {i: p for i, p in enumerate(train.paths) if p in bad}
+    listed = [line.split("\t")[0] for line in (tmp_path / "bad_images.txt").read_text().splitlines()]
+    assert sorted(listed) == sorted(bad)
+    # a batch whose images are all bad yields nothing, and the next pass reports the same files
+    only_bad = ImageSet("bad", tuple(sorted(bad)), np.zeros(len(bad), np.int64))
+    loader = build_eval_loader(cfg, only_bad, batch_size=2, rank=0, world_size=1, device=CPU)
+    assert list(loader) == [] and sorted(loader.unreadable.values()) == sorted(bad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -249,7 +287,7 @@ def test_background_producer_forwards_errors_and_stops_when_abandoned():
 
 
 def test_a_file_only_pil_reads_is_bad_for_dali_and_kept_by_torchvision(tmp_path):
-    """A GIF named .jpg: PIL decodes it, DALI's decoder cannot; DALI must replace it (not crash)."""
+    """A GIF named .jpg: PIL decodes it, DALI's decoder cannot; DALI must leave it out (not crash)."""
     root = make_sop(tmp_path, train_classes=2, test_classes=2, per_class=3, size=(40, 40))
     gif = root / "class003_final/3_1.JPG"
     Image.open(gif).convert("P").save(gif, "GIF")
@@ -257,8 +295,9 @@ def test_a_file_only_pil_reads_is_bad_for_dali_and_kept_by_torchvision(tmp_path)
     details = {}
     for backend in BACKENDS:
         loader = build_eval_loader(_cfg(root, backend), test, batch_size=4, rank=0, world_size=1, device=CPU)
-        labels = torch.cat([b[1] for b in loader])
-        assert labels.tolist() == test.labels.tolist()
+        indices = torch.cat([b[2] for b in loader]).tolist()
+        kept = [i for i, p in enumerate(test.paths) if backend == "torchvision" or p != str(gif)]
+        assert indices == kept
         details[backend] = loader.bad_log.seen
     assert details["torchvision"] == {}
     assert list(details["dali"]) == [str(gif)] and "DALI cannot decode" in details["dali"][str(gif)]

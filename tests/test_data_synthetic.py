@@ -44,7 +44,7 @@ def test_sop_list_files(small: Path) -> None:
     for class_id in range(1, 6):
         assert sum(row[1] == class_id for row in train + test) == 3
     specs = class_specs(5, SMALL["seed"])
-    for image_id, class_id, super_id, rel in train + test:
+    for _image_id, class_id, super_id, rel in train + test:
         assert super_id == specs[class_id - 1].super_class >= 1
         assert not Path(rel).is_absolute() and ".." not in Path(rel).parts
         assert (small / rel).is_file()

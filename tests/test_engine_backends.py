@@ -1,14 +1,14 @@
 """Backend selection, the DeepSpeed config completed from the run config, and `unidml launch` commands."""
 import json
+import re
 import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
-from unidml.config import load_config
-from unidml.engine.backends import check_backend
-from unidml.engine.deepspeed_backend import deepspeed_config
+from unidml.config import ConfigError, check_runtime, load_config
+from unidml.engine.backends.deepspeed import deepspeed_config
 from unidml.engine.distributed import DistEnv
 from unidml.errors import UserError
 from unidml.launcher.cli import build_parser, main
@@ -23,9 +23,20 @@ def cfg(*overrides: str):
 def test_single_backend_refuses_several_processes():
     two = DistEnv(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(UserError, match="engine.backend=single but the launcher started 2 processes"):
-        check_backend("single", two)
-    check_backend("ddp", two)
-    check_backend("single", DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+        check_runtime(cfg(), two)
+    check_runtime(cfg(), DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+
+
+@pytest.mark.parametrize("overrides, world, fragment", [
+    (["engine.backend=ddp"], 1, "engine.backend=ddp needs a process group"),
+    (["train.batch_size=64"], 3, "train.batch_size=64 is not divisible by the world size 3"),
+    (["train.batch_size=8", "engine.embed_chunks=8"], 2, "engine.embed_chunks=8 exceeds the per-rank batch (4 images)"),
+])
+def test_runtime_rules_are_one_line_errors(overrides, world, fragment):
+    env = DistEnv(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match=re.escape(fragment)) as info:
+        check_runtime(cfg(*overrides), env)
+    assert "\n" not in str(info.value)
 
 
 def write_json(path: Path, data: dict) -> str:
@@ -43,7 +54,8 @@ def test_deepspeed_config_is_completed_from_the_run_config(tmp_path):
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_allow_untested_optimizer"] is True
     fp16 = deepspeed_config(cfg(f"engine.deepspeed_config={source}", "engine.precision=fp16"), world_size=1)
     assert fp16["fp16"]["enabled"] is True and fp16["fp16"]["loss_scale"] == 0  # dynamic loss scaling
-    assert "torch_autocast" not in deepspeed_config(cfg(f"engine.deepspeed_config={source}", "engine.precision=fp32"), 1)
+    fp32 = deepspeed_config(cfg(f"engine.deepspeed_config={source}", "engine.precision=fp32"), 1)
+    assert "torch_autocast" not in fp32
 
 
 @pytest.mark.parametrize("data, fragment", [
@@ -54,13 +66,26 @@ def test_deepspeed_config_is_completed_from_the_run_config(tmp_path):
 def test_deepspeed_config_conflicts_are_one_line_errors(tmp_path, data, fragment):
     path = write_json(tmp_path / "ds.json", data)
     with pytest.raises(UserError, match=fragment) as info:
-        deepspeed_config(cfg(f"engine.deepspeed_config={path}", "engine.precision=fp32", "train.batch_size=128"), world_size=2)
+        deepspeed_config(cfg(f"engine.deepspeed_config={path}", "engine.precision=fp32", "train.batch_size=128"),
+                         world_size=2)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["engine.backend=deepspeed"], "engine.backend=deepspeed needs a DeepSpeed JSON"),
+    (["engine.backend=deepspeed", "engine.deepspeed_config=x.json", "engine.embed_chunks=2"],
+     "key 'engine.embed_chunks': not supported with engine.backend=deepspeed"),
+    (["engine.backend=deepspeed", "engine.deepspeed_config=x.json", "engine.sync_bn=true"],
+     "key 'engine.sync_bn': not supported with engine.backend=deepspeed"),
+    (["eval.split=val"], "'val' needs a validation split"),
+])
+def test_static_cross_field_rules_fail_at_load(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment) as info:
+        cfg(*overrides)
     assert "\n" not in str(info.value)
 
 
 def test_deepspeed_config_file_errors(tmp_path):
-    with pytest.raises(UserError, match="needs a DeepSpeed JSON"):
-        deepspeed_config(cfg(), world_size=1)
     bad = tmp_path / "bad.json"
     bad.write_text("{\n  'x': 1\n}")
     with pytest.raises(UserError, match="bad.json: invalid JSON \\(line 2\\)"):
@@ -78,11 +103,12 @@ def test_launch_prints_torchrun_and_deepspeed_commands(capsys):
     assert torchrun == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
                         "--rdzv-endpoint", "node0:29500", "--rdzv-id", "unidml", "--max-restarts", "3", "-m", "unidml",
                         "train", "--config", "configs/sop.yaml", "train.lr=0.01", "engine.backend=ddp"]
-    deepspeed = launch(capsys, "--launcher", "deepspeed", "--nnodes", "2", "--nproc-per-node", "4", "--hostfile", "hosts",
-                       "--rdzv-endpoint", "node0:29600", "--", "train", "--config", "configs/sop.yaml")
+    deepspeed = launch(capsys, "--launcher", "deepspeed", "--nnodes", "2", "--nproc-per-node", "4",
+                       "--hostfile", "hosts", "--rdzv-endpoint", "node0:29600", "--", "train", "--config",
+                       "configs/sop.yaml")
     assert deepspeed == ["deepspeed", "--hostfile", "hosts", "--num_nodes", "2", "--num_gpus", "4", "--master_addr",
-                         "node0", "--master_port", "29600", "--module", "unidml", "train", "--config", "configs/sop.yaml",
-                         "--deepspeed", "configs/deepspeed/zero1.json"]
+                         "node0", "--master_port", "29600", "--module", "unidml", "train", "--config",
+                         "configs/sop.yaml", "--deepspeed", "configs/deepspeed/zero1.json"]
     assert main(["launch", "--launcher", "deepspeed", "--nnodes", "2"]) == 2
     assert "needs --hostfile" in capsys.readouterr().err
 

@@ -1,5 +1,7 @@
 """Engine building blocks: LR schedule, parameter groups, frozen BN, pretrained loading, checkpoints."""
 
+import pickle
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -7,9 +9,9 @@ from torch import nn
 
 from unidml.config import ModelConfig
 from unidml.engine import checkpoint
-from unidml.engine.model import build_model
-from unidml.engine.optim import parameter_groups, warmup_cosine
+from unidml.engine.optim import optimizer_groups, warmup_cosine
 from unidml.errors import UserError
+from unidml.models import build_model
 
 
 def model_cfg(**overrides):
@@ -28,7 +30,7 @@ def test_warmup_then_cosine_to_zero():
 
 def test_no_weight_decay_on_1d_parameters():
     module = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
-    decay, no_decay = parameter_groups(module, 5e-4)
+    decay, no_decay = optimizer_groups(module, 0.1, 5e-4)
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"]) and len(decay["params"]) == 2
     assert all(p.ndim == 1 for p in no_decay["params"]) and len(no_decay["params"]) == 4
@@ -90,8 +92,8 @@ def test_pretrained_wrong_architecture_is_refused(tmp_path):
 
 def test_checkpoint_atomic_rotation_and_corruption_fallback(tmp_path):
     directory = tmp_path / "checkpoints"
-    checkpoint.save_rotating({"step": 1, "w": torch.ones(3)}, directory)
-    checkpoint.save_rotating({"step": 2, "w": torch.full((3,), 2.0)}, directory)
+    checkpoint.save_epoch({"step": 1, "w": torch.ones(3)}, directory, is_best=False)
+    checkpoint.save_epoch({"step": 2, "w": torch.full((3,), 2.0)}, directory, is_best=False)
     assert sorted(p.name for p in directory.iterdir()) == ["last.pt", "prev.pt"]  # no temp files left
     state, path = checkpoint.load_latest(directory)
     assert state["step"] == 2 and path.name == "last.pt"
@@ -119,7 +121,7 @@ def test_checkpoint_refuses_foreign_file(tmp_path):
 def test_failed_save_keeps_previous_checkpoint(tmp_path):
     directory = tmp_path / "c"
     checkpoint.save_atomic({"step": 1}, directory / "last.pt")
-    with pytest.raises(Exception):
+    with pytest.raises((AttributeError, pickle.PicklingError)):  # which one depends on the pickler
         checkpoint.save_atomic({"bad": lambda: None}, directory / "last.pt")  # not picklable
     assert checkpoint.load(directory / "last.pt")["step"] == 1
     assert [p.name for p in directory.iterdir()] == ["last.pt"]

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from test_eval_oracle import brute_force_metrics
+
 from unidml.errors import UserError
 from unidml.launcher.commands import evaluate, search
 
 OVERRIDES = ["data.synthetic.classes=6", "data.synthetic.per_class=5", "data.synthetic.size=32",
              "data.image_size=32", "data.resize_size=32", "data.num_workers=0", "data.backend=torchvision",
              "model.arch=resnet18", "model.pretrained=''", "model.pretrained_required=false", "eval.ks=[1,2,4]",
-             "engine.precision=fp32", "engine.device=cpu"]
+             "engine.precision=fp32", "engine.device=cpu",
+             "data.val_classes=0", "eval.split=test"]
 
 
 def command(module, argv: list[str]) -> int:
@@ -30,7 +31,7 @@ def command(module, argv: list[str]) -> int:
 def run_dir(tmp_path_factory) -> Path:
     from unidml.config import load_config, to_yaml
     from unidml.engine.checkpoint import save_atomic
-    from unidml.engine.model import build_model
+    from unidml.models import build_model
 
     root = tmp_path_factory.mktemp("eval_cmd")
     cfg = load_config(None, OVERRIDES + [f"data.root={root / 'data'}"])
@@ -58,11 +59,11 @@ def test_eval_checkpoint_writes_metrics_equal_to_brute_force(run_dir, capsys):
     from unidml.data_pipeline import build_dataset
 
     assert command(evaluate, ["--checkpoint", str(run_dir / "run" / "checkpoints" / "best.pt")]) == 0
-    record = json.loads((run_dir / "run" / "checkpoints" / "eval_metrics.json").read_text())
+    record = json.loads((run_dir / "run" / "checkpoints" / "eval_best.json").read_text())  # named after the input
     test = build_dataset(load_config(None, OVERRIDES + [f"data.root={run_dir / 'data'}"]).data).splits["test"]
     want = brute_force_metrics(embeddings_of(run_dir, test.paths), test.labels, ks=(1, 2, 4))
     assert record["split"] == "test" and record["metric"] == "cosine"
-    assert record["metrics"] == pytest.approx(want, abs=1e-6)
+    assert record["metrics"] == pytest.approx({**want, "unreadable_images": 0}, abs=1e-6) and record["unreadable"] == []
     assert "recall@1=" in capsys.readouterr().out
 
 

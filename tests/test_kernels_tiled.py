@@ -1,8 +1,7 @@
 """Tiled backend equals the reference (loss, gradients, terms) on random and degenerate cases."""
 import pytest
 import torch
-
-from losses_helpers import HALF_GRAD_RTOL, PAIRWISE_CASES, assert_same, edge_cases, random_case, run_loss
+from losses_helpers import HALF_GRAD_RTOL, PAIRWISE_CASES, assert_same, check_edge, edge_cases, random_case, run_loss
 
 
 @pytest.mark.parametrize("name, params", PAIRWISE_CASES)
@@ -17,9 +16,7 @@ def test_tiled_matches_reference_random(name, params):
 @pytest.mark.parametrize("name, params", PAIRWISE_CASES)
 def test_tiled_matches_reference_edge_cases(name, params):
     for label, z, y, ref in edge_cases():
-        want = run_loss(name, params, "reference", z, y, ref)
-        got = run_loss(name, params, "tiled", z, y, ref, chunk_rows=5)
-        assert_same(got, want, 1e-5, f"{name} {params} {label}")
+        check_edge(name, params, label, z, y, ref, "tiled", chunk_rows=5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -90,7 +87,7 @@ def test_tiled_memory_never_holds_the_full_matrix(monkeypatch):
     ({"distance": "manhattan"}, "unknown distance"),
 ])
 def test_bad_triplet_options(bad, message):
-    from unidml.kernels import build_loss
+    from unidml.losses import build_loss
     with pytest.raises(ValueError, match=message):
         build_loss("triplet", **bad)
 
@@ -120,3 +117,85 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     z, y = random_case(4, 3, 2, seed=0)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         run_loss("supcon", {}, "triton", z, y)
+
+
+@pytest.mark.parametrize("d", [3, 64, 512, 2048])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_duplicate_tolerance_bounds_every_summation_order(d, scale):
+    # The rule's coefficient c(d) is twice the first-order worst case (2γ_d + 4u)·(|x|² + |r|²) of the
+    # computed squared distance of two copies; check that |d2| stays within half the tolerance for
+    # several fp32 summation orders of the dot product and the norms (which differ from each other).
+    from unidml.kernels.pairwise.geometry import duplicate_tolerance
+
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(32, d, generator=gen) * scale
+    x[:8] *= torch.rand(8, 1, generator=gen) * 100  # rows of very different norms
+    prods = x * x
+
+    def sequential(p):  # left to right, one rounding per addition
+        acc = torch.zeros(p.shape[0])
+        for k in range(p.shape[1]):
+            acc = acc + p[:, k]
+        return acc
+
+    orders = {"matmul": torch.diagonal(x @ x.T), "pairwise": prods.sum(1), "sequential": sequential(prods),
+              "reversed": sequential(prods.flip(1)), "blocked": prods.view(32, -1, 1).sum(2).sum(1)}
+    tol = duplicate_tolerance(d)
+    for dot_name, dot in orders.items():
+        for norm_name, sq in orders.items():
+            d2 = sq + sq - 2.0 * dot
+            bound = 0.5 * tol * (sq + sq)
+            assert (d2.abs() <= bound).all(), f"{dot_name} dots, {norm_name} norms: {(d2.abs() / bound).max()}"
+
+
+def test_duplicate_rule_merges_copies_and_nothing_else():
+    # Copies (and one-ulp moves) get distance exactly 0 and similarity exactly 1; a pair just outside the
+    # radius sqrt(2c) of unit vectors keeps its computed value.
+    from unidml.kernels.pairwise.geometry import COSINE, EUCLIDEAN, duplicate_tolerance
+
+    d = 64
+    tol = duplicate_tolerance(d)
+    a = torch.nn.functional.normalize(torch.randn(1, d, generator=torch.Generator().manual_seed(0)), dim=1)
+    step = torch.zeros(1, d)
+    step[0, 0] = 3.0 * (2.0 * tol) ** 0.5  # well outside the radius
+    b = torch.nn.functional.normalize(a + step, dim=1)
+    x = torch.cat([a, torch.nextafter(a, torch.ones_like(a)), b])
+    sq = (x * x).sum(1)
+    dist = EUCLIDEAN.block_values(x, x, sq, sq, tol)
+    sim = COSINE.block_values(x, x, sq, sq, tol)
+    assert dist[0, 1] == 0.0 and dist[1, 0] == 0.0 and sim[0, 1] == 1.0
+    exact = torch.cdist(x.double(), x.double())[0, 2]
+    assert dist[0, 2] > 2.0 * (2.0 * tol) ** 0.5 and abs(dist[0, 2].item() - exact.item()) < 1e-5
+    assert sim[0, 2] < 1.0 - tol
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_near_duplicates_count_like_exact_arithmetic(backend, normalize):
+    # Oracle in float64 (direct differences, where copies are exactly or nearly 0 and distinct points far
+    # apart): contrastive with pos_margin 0 has an active positive for every pair of distinct same-label
+    # points and none between copies; negatives are active where D < neg_margin.
+    import torch.nn.functional as F
+    from losses_helpers import near_duplicates, pair_counts
+
+    z, y = near_duplicates(7, 9, 3, seed=13)
+    params = {"normalize": normalize, "neg_margin": 1.0 if normalize else 40.0}
+    x = F.normalize(z.double(), dim=1) if normalize else z.double()
+    point = torch.arange(z.shape[0]) % 7  # which original point each row copies
+    dist = torch.cdist(x, x)
+    same, distinct = y[:, None] == y[None, :], point[:, None] != point[None, :]
+    want = torch.tensor([(same & distinct).sum().item(), (~same & (dist < params["neg_margin"])).sum().item()],
+                        dtype=torch.float32)
+    assert want[0] > 0 and want[1] > 0
+    for chunk in (None, 4):
+        assert torch.equal(pair_counts("contrastive", params, backend, z, y, chunk_rows=chunk), want)
+
+
+def test_pair_metrics_are_the_configurable_metrics():
+    from unidml.config import METRICS
+    from unidml.kernels.pairwise.geometry import PAIR_METRICS, pair_metric
+
+    assert tuple(PAIR_METRICS) == METRICS
+    assert pair_metric("cosine").is_inverted and not pair_metric("euclidean").is_inverted
+    with pytest.raises(ValueError, match="unknown metric 'manhattan'"):
+        pair_metric("manhattan")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from unidml.kernels import build_loss
+from unidml.losses import build_loss
 
 
 def _loss(**params):
@@ -44,7 +44,7 @@ def test_references_define_centers_and_missing_classes_count_zero():
     z, y = torch.tensor([[1.0, 1.0], [4.0, 0.0]]), torch.tensor([0, 2])
     ref, ref_y = torch.tensor([[0.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 0])
     # class 0 center (0, 1) -> ½·(1 + 0) ; class 2 absent from the references -> 0
-    assert _loss(reduction="sum")(z, y, ref, ref_y).item() == pytest.approx(0.5)
+    assert _loss(reduction="sum")(z, y, ref_emb=ref, ref_labels=ref_y).item() == pytest.approx(0.5)
 
 
 def test_bad_options():

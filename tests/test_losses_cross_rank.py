@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from losses_helpers import random_case
 
 WORLD = 2
@@ -28,7 +27,7 @@ def _free_port() -> int:
 
 
 def _build(name, params):
-    from unidml.kernels import build_loss
+    from unidml.losses import build_loss
     torch.manual_seed(0)  # PCE's head is created identically on every rank and in the oracle
     return build_loss(name, num_classes=5, embedding_dim=8, cross_rank=True, **_with_backend(name, params))
 

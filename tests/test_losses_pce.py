@@ -1,4 +1,4 @@
-"""PCE through class means, and the majorize-minimize inequalities of DESIGN §4 / docs/theory.md.
+"""PCE through class means, and the majorize-minimize inequalities of docs/design.md ("Losses") / docs/theory.md.
 
 Only the provable statements are checked; the global "CE >= PCE for every φ and λ" is false and is
 shown false here (never asserted).
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from unidml.kernels import build_loss
-from unidml.kernels.pce import pce_terms
+from unidml.losses import build_loss
+from unidml.losses.pce import pce_terms
 
 
 def _case(seed, n=30, d=6, k=4, scale=1.0):
@@ -52,7 +52,7 @@ def test_pce_factorisation_equals_pairwise_formula():
 
 def test_module_uses_its_head_and_reports_terms():
     torch.manual_seed(0)
-    loss = build_loss("pce", num_classes=4, embedding_dim=6, lam=0.5, zero_init=False)
+    loss = build_loss("pce", num_classes=4, embedding_dim=6, lam=0.5, zero_init=False, normalize=False)
     z, y, _ = _case(1)
     value = loss(z.float(), y)
     p = torch.softmax(z.float() @ loss.head.weight.T, dim=1)
@@ -138,3 +138,23 @@ def test_global_ce_ge_pce_is_false():
     t, c = pce_terms(z, y, z, y, torch.softmax(z @ phi.T, dim=1), 1e6)
     assert (t + c).item() == pytest.approx(math.log(k), abs=1e-3)
     assert _ce(phi, z, y).item() < math.log(k) - 0.5
+
+
+def test_the_training_form_is_bounded_below_where_the_raw_form_is_not():
+    """Scaling the embeddings drives raw PCE to -inf (quadratically in the scale, with a still uninformative
+    zero-initialised classifier); on unit-norm embeddings it stays above log K - (1 + 3/K)/(2λ) (docs/theory.md)."""
+    z, y, k = _case(2, n=40, d=6, k=4)
+    means = torch.randn(k, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    spread = z * 0.1 + (means - means.mean(0))[y]  # class means spread around a zero overall mean
+    lam = 0.5
+    raw = build_loss("pce", num_classes=k, embedding_dim=6, lam=lam, normalize=False)
+    bounded = build_loss("pce", num_classes=k, embedding_dim=6, lam=lam)
+    raw_values = [raw(spread * s, y).item() for s in (1.0, 10.0, 100.0)]
+    assert raw_values[0] > raw_values[1] > raw_values[2] and raw_values[2] < -100.0
+    floor = math.log(k) - (1 + 3 / k) / (2 * lam)
+    for s in (1.0, 10.0, 100.0, 1e4):
+        assert bounded(spread * s, y).item() >= floor
+    # on unit-norm rows the two forms agree; the loss computes in fp32, values are O(1): a few ulps (1.2e-7) each
+    unit = torch.nn.functional.normalize(spread, dim=1)
+    assert bounded(unit, y).item() == pytest.approx(raw(unit, y).item(), rel=1e-6)
+

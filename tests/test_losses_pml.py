@@ -1,9 +1,8 @@
 """pytorch-metric-learning as an independent oracle: same value and gradient with matching settings."""
 import pytest
 import torch
-from pytorch_metric_learning import distances, losses, miners
-
 from losses_helpers import random_case, run_loss
+from pytorch_metric_learning import distances, losses, miners
 
 
 def _pml(loss_fn, z, y, miner=None, ref=None):
@@ -24,7 +23,8 @@ CASES = [
     ("triplet", {"margin": 0.2},
      lambda: (losses.TripletMarginLoss(margin=0.2), None)),
     ("triplet", {"margin": 0.2, "mining": "semi_hard"},
-     lambda: (losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard"))),
+     lambda: (losses.TripletMarginLoss(margin=0.2),
+              miners.TripletMarginMiner(margin=0.2, type_of_triplets="semihard"))),
     ("triplet", {"margin": 0.2, "mining": "batch_hard"},
      lambda: (losses.TripletMarginLoss(margin=0.2), miners.BatchHardMiner())),
     ("triplet", {"margin": 0.1, "distance": "cosine"},

@@ -3,8 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from unidml.kernels import LOSSES, build_loss, build_loss_from_config, validate_loss_params
-from unidml.kernels.registry import register_loss
+from unidml.losses import LOSSES, build_loss, build_loss_from_config, register_loss, validate_loss_params
 
 EXPECTED = {"cross_entropy", "pce", "contrastive", "triplet", "multi_similarity", "snca", "supcon", "center"}
 

@@ -1,4 +1,5 @@
-"""`unidml compare`: run planning (aliases, variants, overrides, protocol), resumability, and a tiny study end to end."""
+"""`unidml compare` without tuning: run planning (aliases, variants, overrides, protocol), resumability,
+and a tiny study end to end."""
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import yaml
 from unidml.engine.trainer import Trainer
 from unidml.errors import UserError
 from unidml.launcher.cli import main
-from unidml.launcher.study import parse_losses, plan_study, run_state
+from unidml.study.compare import parse_losses, plan_study, run_state
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -24,14 +25,15 @@ def tiny(data_root: Path) -> list[str]:
 
 def test_loss_names_aliases_and_errors():
     assert parse_losses("ce, contrastive,ms,cross_entropy") == ["cross_entropy", "contrastive", "multi_similarity"]
-    with pytest.raises(UserError, match="unknown loss 'arcface'"):
-        parse_losses("ce,arcface")
+    with pytest.raises(UserError, match="unknown loss 'no_such_loss'"):
+        parse_losses("ce,no_such_loss")
 
 
 def test_plan_swaps_only_the_loss_and_sampler(tmp_path):
     plan = plan_study(QUICKSTART, ["cross_entropy", "triplet"], 2, tmp_path, ["train.epochs=3"])
     assert [(r.loss, r.seed, r.run_dir) for r in plan] == [
-        ("cross_entropy", 0, tmp_path / "cross_entropy" / "seed0"), ("cross_entropy", 1, tmp_path / "cross_entropy" / "seed1"),
+        ("cross_entropy", 0, tmp_path / "cross_entropy" / "seed0"),
+        ("cross_entropy", 1, tmp_path / "cross_entropy" / "seed1"),
         ("triplet", 0, tmp_path / "triplet" / "seed0"), ("triplet", 1, tmp_path / "triplet" / "seed1")]
     ce, triplet = plan[0].cfg, plan[2].cfg
     base = yaml.safe_load(QUICKSTART.read_text())
@@ -50,7 +52,7 @@ def test_bad_variant_and_bad_override_fail_before_training(tmp_path):
     variants = tmp_path / "variants"
     variants.mkdir()
     (variants / "snca.yaml").write_text("loss: {name: snca}\ntrain: {lr: 1.0}\n")
-    with pytest.raises(UserError, match="snca.yaml: a variant holds only 'loss'"):
+    with pytest.raises(UserError, match="snca.yaml: a variant holds only 'loss'.*'data' and 'search'"):
         plan_study(QUICKSTART, ["snca"], 1, tmp_path, variants=variants)
     with pytest.raises(UserError, match="contrastive.yaml: recipe variant of loss 'contrastive' not found"):
         plan_study(QUICKSTART, ["contrastive"], 1, tmp_path, variants=variants)
@@ -60,21 +62,21 @@ def test_bad_variant_and_bad_override_fail_before_training(tmp_path):
 
 def test_a_directory_of_another_config_is_refused(tmp_path):
     run = plan_study(QUICKSTART, ["cross_entropy"], 1, tmp_path)[0]
-    assert run_state(run) == "new"
+    assert run_state(run.run_dir, run.cfg) == "new"
     run.run_dir.mkdir(parents=True)
     other = plan_study(QUICKSTART, ["cross_entropy"], 1, tmp_path, ["train.epochs=5"])[0]
     assert run.cfg.train.epochs != 5
     (run.run_dir / "config.yaml").write_text(yaml.safe_dump(yaml.safe_load(open(REPO / "configs" / "quickstart.yaml"))))
     with pytest.raises(UserError, match="holds a run with a different config"):
-        run_state(run)
+        run_state(run.run_dir, run.cfg)
     from unidml.config import to_yaml
     (run.run_dir / "config.yaml").write_text(to_yaml(other.cfg))
     with pytest.raises(UserError, match=rf"train.epochs: 5 -> {run.cfg.train.epochs}\b"):
-        run_state(run)
+        run_state(run.run_dir, run.cfg)
     (run.run_dir / "config.yaml").write_text(to_yaml(run.cfg))
-    assert run_state(run) == "partial"
+    assert run_state(run.run_dir, run.cfg) == "partial"
     (run.run_dir / "metrics.json").write_text(json.dumps({"epochs": [{"epoch": 0}, {"epoch": 12}]}))
-    assert run_state(run) == "done"
+    assert run_state(run.run_dir, run.cfg) == "done"
 
 
 @pytest.mark.timeout(300)
@@ -87,15 +89,15 @@ def test_tiny_study_end_to_end_and_resumable(tmp_path, monkeypatch, capsys):
         for seed in (0, 1):
             metrics = json.loads((out / loss / f"seed{seed}" / "metrics.json").read_text())
             assert [e["epoch"] for e in metrics["epochs"]] == [0, 1]
-            assert metrics["best"]["selected_by"] == "val recall@1"
-            assert {"test", "val"} <= metrics["best"]["splits"].keys()
+            assert {"test", "val"} <= metrics["epochs"][1]["splits"].keys()
             assert {"tightness", "contrast", "mi_knn"} <= metrics["epochs"][1].keys()
     # same seed, same initial network whatever the loss: identical evaluation before training
     first = [json.loads((out / loss / "seed0" / "metrics.json").read_text())["epochs"][0]["splits"]
              for loss in ("cross_entropy", "multi_similarity")]
     assert first[0] == first[1]
     page = (out / "summary.md").read_text()
-    assert "| cross_entropy | 2 |" in page and "| multi_similarity | 2 |" in page
+    assert "| cross_entropy | 2 | 1.0 ± 0.0 |" in page and "| multi_similarity | 2 | 1.0 ± 0.0 |" in page
+    assert "No tuning: every loss trains at its recipe variant's settings" in page
     for png in ("recall_at_k", "training_curves", "tightness_contrast", "mutual_information"):
         assert (out / f"{png}.png").stat().st_size > 0
 
@@ -105,5 +107,5 @@ def test_tiny_study_end_to_end_and_resumable(tmp_path, monkeypatch, capsys):
     before = (out / "summary.csv").read_text()
     capsys.readouterr()
     assert main(args) == 0
-    assert capsys.readouterr().out.count("finished earlier, kept") == 4
+    assert "retraining" not in capsys.readouterr().out
     assert (out / "summary.csv").read_text() == before

@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from unidml.data_pipeline.dataset import ImageSet
-from unidml.evaluation.diagnostics import (classifier_conditional_entropy, diagnostic_sample,
-                                           knn_conditional_entropy, mi_diagnostics)
-from unidml.kernels import build_loss
+from unidml.evaluation.diagnostics import (
+    classifier_conditional_entropy,
+    diagnostic_sample,
+    knn_conditional_entropy,
+    mi_diagnostics,
+)
+from unidml.losses import build_loss
 
 
 def balanced_labels(classes: int, per_class: int) -> torch.Tensor:

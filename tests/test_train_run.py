@@ -10,8 +10,8 @@ from unidml.engine.checkpoint import load_for_inference
 from unidml.engine.distributed import init_distributed
 from unidml.engine.trainer import Trainer
 from unidml.errors import UserError
-from unidml.kernels import validate_loss_params
 from unidml.launcher.cli import main
+from unidml.losses import validate_loss_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,8 @@ def tiny_overrides(data_root: Path) -> list[str]:
     return [f"data.root={data_root}", "data.synthetic.classes=8", "data.synthetic.per_class=8",
             "data.synthetic.size=32", "data.image_size=32", "data.resize_size=32", "data.num_workers=0",
             "data.backend=torchvision", "train.epochs=3", "train.batch_size=16", "train.lr=0.01", "train.momentum=0.5",
-            "train.warmup_iters=2", "eval.ks=[1,2]", "eval.batch_size=32", "engine.precision=fp32"]
+            "train.warmup_iters=2", "eval.ks=[1,2]", "eval.batch_size=32", "engine.precision=fp32",
+            "data.val_classes=0", "eval.split=test"]  # all 4 training classes train (32 images)
 
 
 def make_trainer(run_dir: Path, overrides: list[str]) -> Trainer:
@@ -80,6 +81,7 @@ def test_cli_reports_bad_override_in_one_line(capsys):
 
 
 def test_cli_takes_overrides_after_options(capsys):
-    code = main(["train", "--config", str(REPO / "configs" / "quickstart.yaml"), "--deepspeed", "ds.json", "train.lrr=0.1"])
+    code = main(["train", "--config", str(REPO / "configs" / "quickstart.yaml"), "--deepspeed", "ds.json",
+                 "train.lrr=0.1"])
     assert code == 2
     assert "key 'train.lrr'" in capsys.readouterr().err

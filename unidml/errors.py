@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input named precisely: a config key, a data file, a checkpoint."""
+
+
+class EvaluationError(UserError, ValueError):
+    """Embeddings or a request that cannot give honest metrics (non-finite rows, K beyond the gallery)."""

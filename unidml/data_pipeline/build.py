@@ -1,7 +1,7 @@
 """What the trainer calls: `build_dataset`, `build_train_loader`, `build_eval_loader`."""
 from __future__ import annotations
 
-import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,37 +15,48 @@ from unidml.data_pipeline.samplers import build_sampler
 from unidml.data_pipeline.splits import carve_validation
 from unidml.data_pipeline.transforms import Recipe
 from unidml.errors import UserError
+from unidml.extras import announce_fallback, installed, require
+from unidml.seeding import derived_seed
+
+log = logging.getLogger(__name__)
 
 
 def build_dataset(data_cfg: Any, seed: int = 0) -> DatasetDescription:
     """Read `data.dataset` under `data.root` (generating the synthetic set first if absent or stale) and carve
-    the optional class-disjoint validation split (`data.val_classes`, chosen by `seed`)."""
-    root = Path(data_cfg.root)
-    if data_cfg.dataset == "synthetic":  # returns at once when `root` already holds these parameters
+    the optional class-disjoint validation split (`data.val_classes`, chosen by `seed`). What was derived
+    (a missing test split, the validation split) is logged, one line each."""
+    root = str(data_cfg.root or "")
+    if data_cfg.dataset == "synthetic" and root:  # returns at once when `root` already holds these parameters
         from unidml.data_pipeline.synthetic import generate_dataset, read_marker
 
-        if root.is_dir() and any(root.iterdir()) and read_marker(root) is None:
+        path = Path(root)
+        if path.is_dir() and any(path.iterdir()) and read_marker(path) is None:
             raise UserError(f"data.root {root}: holds files but no synthetic dataset (no synthetic.json); "
                             f"point data.root at a new folder, or set data.dataset for the format it holds")
 
         s = data_cfg.synthetic
-        generate_dataset(root, classes=int(s.classes), per_class=int(s.per_class), size=int(s.size),
+        generate_dataset(path, classes=int(s.classes), per_class=int(s.per_class), size=int(s.size),
                          seed=int(s.seed), test_fraction=float(s.test_fraction))
     dataset = read_dataset(str(data_cfg.dataset), root, str(data_cfg.list_file or ""))
-    return carve_validation(dataset, float(data_cfg.val_classes), seed)
+    dataset = carve_validation(dataset, float(data_cfg.val_classes), seed)
+    for note in dataset.notes:
+        log.info("data: %s", note)
+    return dataset
 
 
 def resolve_backend(name: str) -> str:
-    """`auto` → DALI when it is installed (faster on CPU too, see docs/benchmarks.md), else
-    torchvision; an explicit choice is checked."""
-    has_dali = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
-    if name == "auto":
-        return "dali" if has_dali else "torchvision"
-    if name == "dali" and not has_dali:
-        raise UserError("data.backend=dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
-    if name not in ("dali", "torchvision"):
+    """`auto` → DALI when it is installed (faster on CPU too, see docs/benchmarks.md), else torchvision
+    (said once); an explicit choice is checked."""
+    if name not in ("auto", "dali", "torchvision"):
         raise UserError(f"data.backend: '{name}' is not one of auto, dali, torchvision")
-    return name
+    if name == "dali":
+        require("nvidia.dali", "data.backend=dali")
+    if name != "auto":
+        return name
+    if installed("nvidia.dali"):
+        return "dali"
+    announce_fallback("nvidia.dali", "the torchvision loader")
+    return "torchvision"
 
 
 def _backend(data_cfg: Any, images: ImageSet, labels, *, train: bool, batch_size: int, device: torch.device,
@@ -56,15 +67,17 @@ def _backend(data_cfg: Any, images: ImageSet, labels, *, train: bool, batch_size
         from unidml.data_pipeline.dali_backend import DaliBackend
 
         return DaliBackend(images.paths, labels, recipe, train=train, batch_size=batch_size,
-                           num_threads=max(1, workers), device=device, seed=seed)
+                           num_threads=max(1, workers), device=device, seed=seed,
+                           max_pixels=int(data_cfg.max_pixels))
     from unidml.data_pipeline.torchvision_backend import TorchvisionBackend
     from unidml.data_pipeline.transforms import torchvision_transform
 
     return TorchvisionBackend(images.paths, labels, torchvision_transform(recipe, train), num_workers=workers,
-                              device=device, seed=seed, decode_device=device if device.type == "cuda" else None)
+                              device=device, seed=seed, decode_device=device if device.type == "cuda" else None,
+                              substitute=train, max_pixels=int(data_cfg.max_pixels))
 
 
-def _bad_log(data_cfg: Any, run_dir: Path | None, rank: int, world_size: int) -> BadImageLog:
+def _bad_log(data_cfg: Any, run_dir: Path | None, rank: int) -> BadImageLog:
     filename = "bad_images.txt" if rank == 0 else f"bad_images.rank{rank}.txt"
     return BadImageLog(str(data_cfg.on_error), run_dir, filename)
 
@@ -79,8 +92,8 @@ def build_train_loader(data_cfg: Any, imageset: ImageSet, *, global_batch_size: 
     sampler = build_sampler(str(data_cfg.sampler), labels, batch_size=batch_size, rank=rank,
                             world_size=world_size, seed=seed, m_per_class=int(data_cfg.m_per_class))
     backend = _backend(data_cfg, imageset, labels, train=True, batch_size=batch_size, device=device,
-                       seed=seed * 1000 + rank)
-    return TrainLoader(sampler, backend, _bad_log(data_cfg, run_dir, rank, world_size))
+                       seed=derived_seed(seed, rank))
+    return TrainLoader(sampler, backend, _bad_log(data_cfg, run_dir, rank))
 
 
 def build_eval_loader(data_cfg: Any, imageset: ImageSet, *, batch_size: int, rank: int, world_size: int,
@@ -88,5 +101,5 @@ def build_eval_loader(data_cfg: Any, imageset: ImageSet, *, batch_size: int, ran
     """This rank's contiguous shard of `imageset` with the test transform: (images, labels, indices)."""
     start, end = shard_bounds(len(imageset), rank, world_size)
     backend = _backend(data_cfg, imageset, imageset.labels, train=False, batch_size=batch_size, device=device,
-                       seed=rank)
-    return EvalLoader(backend, start, end, batch_size, _bad_log(data_cfg, run_dir, rank, world_size))
+                       seed=derived_seed(rank))
+    return EvalLoader(backend, start, end, batch_size, _bad_log(data_cfg, run_dir, rank))

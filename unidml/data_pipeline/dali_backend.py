@@ -1,9 +1,11 @@
 """NVIDIA DALI backend: our samplers feed encoded files through an external source; DALI decodes
 (`device="mixed"` on a GPU, `"cpu"` with `device_id=None` without one) and applies the recipe.
 
-Python reads the bytes and rejects implausible files (`check_encoded`) before DALI sees them. A
-decoder error still invalidates a DALI pipeline, so on one the batch's files are decoded with PIL
-to find the culprit, it is replaced, and the pipeline is rebuilt: bad data never kills the run.
+Python reads the bytes and rejects implausible files (`check_encoded`) and images larger than
+`data.max_pixels` (from the header, once per file) before DALI sees them: DALI would allocate the
+full decoded size of a decompression bomb. A decoder error still invalidates a DALI pipeline, so on
+one the batch's files are decoded with PIL to find the culprit, it is replaced (training) or left
+out (evaluation), and the pipeline is rebuilt: bad data never kills the run.
 The pipeline runs synchronously (one batch per `run`, inputs fed just before) on a background
 thread that keeps `PREFETCH_BATCHES` ready, so decoding overlaps the training step.
 """
@@ -14,8 +16,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from unidml.data_pipeline.images import BadImage, load_rgb, read_encoded
-from unidml.data_pipeline.loaders import Bad, Replacements, epoch_seed, in_background
+from unidml.data_pipeline.images import DEFAULT_MAX_PIXELS, BadImage, load_rgb, read_encoded
+from unidml.data_pipeline.loaders import Bad, Batch, Replacements, epoch_seed, in_background, read_sample
 from unidml.data_pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, Recipe
 
 PREFETCH_BATCHES = 2  # batches decoded ahead of the consumer (on a background thread)
@@ -101,10 +103,11 @@ def build_pipeline(recipe: Recipe, *, train: bool, batch_size: int, num_threads:
 
 
 class DaliBackend:
-    """Batches of `(images, labels, bad)` from a per-rank DALI pipeline (one per backend object)."""
+    """`Batch`es from a per-rank DALI pipeline (one per backend object); bad images are replaced
+    when training and left out otherwise."""
 
     def __init__(self, paths: tuple[str, ...], labels: np.ndarray, recipe: Recipe, *, train: bool, batch_size: int,
-                 num_threads: int, device: torch.device, seed: int) -> None:
+                 num_threads: int, device: torch.device, seed: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.paths = paths
         self.labels = np.asarray(labels, dtype=np.int64)
         self.recipe = recipe
@@ -114,8 +117,10 @@ class DaliBackend:
         self.device = device
         self.device_id = (device.index or 0) if device.type == "cuda" else None
         self.seed = seed
-        self.replacements = Replacements(self.labels)
+        self.replacements = Replacements(self.labels) if train else None
+        self.max_pixels = max_pixels
         self.known_bad: dict[int, tuple[str, str]] = {}
+        self.size_checked: set[int] = set()  # files whose header passed `max_pixels`
         self._pipe = None
         self._rebuilds = 0
         self.epoch = 0
@@ -127,30 +132,36 @@ class DaliBackend:
                                         seed=(epoch_seed(self.seed, self.epoch) + self._rebuilds) % (2**31 - 1))
         return self._pipe
 
-    def _encoded(self, index: int, bad: Bad) -> tuple[int, np.ndarray]:
-        """(used index, file bytes) for `index` or its first plausible replacement."""
-        for candidate in self.replacements.candidates(index):
-            if candidate in self.known_bad:
-                bad.append(self.known_bad[candidate])
-                continue
-            try:
-                return candidate, np.frombuffer(read_encoded(self.paths[candidate]), dtype=np.uint8)
-            except BadImage as exc:
-                self.known_bad[candidate] = (exc.path, exc.detail)
-                bad.append((exc.path, exc.detail))
-        raise RuntimeError("no readable image left in the split")
+    def _read(self, index: int) -> np.ndarray:
+        """The bytes of a file not known to be bad (BadImage, remembered, if it is)."""
+        if index in self.known_bad:
+            raise BadImage(*self.known_bad[index])
+        try:
+            data = read_encoded(self.paths[index], None if index in self.size_checked else self.max_pixels)
+        except BadImage as exc:
+            self.known_bad[index] = (exc.path, exc.detail)
+            raise
+        self.size_checked.add(index)
+        return np.frombuffer(data, dtype=np.uint8)
 
-    def _prepare(self, indices: list[int]) -> tuple[list[np.ndarray], list[int], Bad]:
+    def _prepare(self, indices: list[int]) -> tuple[list[np.ndarray], list[int], Bad, list[int]]:
+        """(file bytes, used indices, bad images met, requested indices kept) of one batch."""
         bad: Bad = []
-        used, data = zip(*(self._encoded(i, bad) for i in indices))
-        return list(data), list(used), bad
+        data, used, kept = [], [], []
+        for index in indices:
+            found = read_sample(self.replacements, index, self._read, bad)
+            if found is not None:
+                used.append(found[0])
+                data.append(found[1])
+                kept.append(index)
+        return data, used, bad, kept
 
     def _mark_undecodable(self, used: list[int]) -> bool:
         """After a decoder error: mark the batch's files PIL cannot decode either; True if any."""
         found = False
         for index in used:
             try:
-                load_rgb(self.paths[index])
+                load_rgb(self.paths[index], self.max_pixels)
             except BadImage as exc:
                 self.known_bad[index] = (exc.path, exc.detail)
                 found = True
@@ -188,11 +199,13 @@ class DaliBackend:
         stream.synchronize()  # DALI reuses its output buffer on the next run; the copy must be done
         return out
 
-    def _run(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, Bad]:
+    def _run(self, indices: list[int]) -> Batch:
         """One batch through the pipeline; after a decoder error (which invalidates a DALI
         pipeline) the culprits are marked bad, the pipeline rebuilt and the batch retried."""
         while True:
-            data, used, bad = self._prepare(indices)
+            data, used, bad, kept = self._prepare(indices)
+            if not data:  # every image of an evaluation batch is bad
+                return Batch(None, torch.empty(0, dtype=torch.int64, device=self.device), bad, kept)
             pipe = self._pipeline()
             try:
                 pipe.feed_input("encoded", data)
@@ -202,9 +215,9 @@ class DaliBackend:
                 if not (self._mark_undecodable(used) or self._mark_undecodable_by_dali(used, data)):
                     raise RuntimeError("DALI failed on a batch whose files all decode one by one") from exc
                 continue
-            return self._to_torch(output), torch.as_tensor(self.labels[used], device=self.device), bad
+            return Batch(self._to_torch(output), torch.as_tensor(self.labels[used], device=self.device), bad, kept)
 
-    def batches(self, index_batches: Iterable[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Bad]]:
+    def batches(self, index_batches: Iterable[list[int]]) -> Iterator[Batch]:
         """Batches decoded on a background thread (DALI releases the GIL), `PREFETCH_BATCHES` ahead."""
         return in_background((self._run(indices) for indices in index_batches), depth=PREFETCH_BATCHES)
 

@@ -10,7 +10,7 @@ import numpy as np
 @dataclass(frozen=True)
 class ImageSet:
     """One split of a dataset: absolute image paths and their labels (the dataset's class ids as
-    DESIGN.md §2 defines them; use `contiguous_labels` where 0..num_classes-1 is needed)."""
+    docs/design.md, "Datasets", defines them; use `contiguous_labels` where 0..num_classes-1 is needed)."""
 
     name: str
     paths: tuple[str, ...]
@@ -45,12 +45,14 @@ class DatasetDescription:
     `query` and `gallery` for In-Shop; `val` when a class-disjoint validation split was carved.
     `eval_pairs` lists what evaluation compares: (query split, gallery split or None for
     self-retrieval), e.g. `{"test": ("test", None)}` or `{"test": ("query", "gallery")}`.
+    `notes` are one-line announcements of what the reader derived (e.g. a split the data did not have).
     """
 
     name: str
     root: Path
     splits: dict[str, ImageSet]
     eval_pairs: dict[str, tuple[str, str | None]]
+    notes: tuple[str, ...] = ()
 
     @property
     def train(self) -> ImageSet:

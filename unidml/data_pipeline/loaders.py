@@ -1,13 +1,16 @@
 """Backend-independent loaders: the trainer's `TrainLoader` and the sharded eval loader.
 
-A backend turns lists of dataset indices into device batches and reports the bad images it had to
-replace; the loaders own sampling, resume position and the `data.on_error` policy.
+A backend turns lists of dataset indices into device batches and reports the bad images it met;
+the loaders own sampling, resume position and the `data.on_error` policy. Training substitutes a
+bad image (`Replacements`: another image of its class); evaluation never does, since a stand-in
+would be an exact duplicate in the gallery: a bad evaluation image is left out, and the loader
+says which (`EvalLoader.unreadable`).
 """
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterable, Iterator, Protocol, TypeVar
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -21,9 +24,22 @@ T = TypeVar("T")
 _END = object()
 
 
+class Batch(NamedTuple):
+    """One batch from a backend. `kept` lists the requested dataset indices the rows stand for, in
+    row order: all of them when substituting, only the readable ones otherwise (then `images` is
+    None when none was)."""
+
+    images: torch.Tensor | None  # float32 NCHW on the device
+    labels: torch.Tensor  # int64, one per row
+    bad: Bad  # bad images met producing it
+    kept: list[int]
+
+
 class Backend(Protocol):
-    def batches(self, index_batches: Iterable[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor, Bad]]:
-        """(images float32 NCHW on the device, labels int64, bad images replaced in this batch)."""
+    paths: tuple[str, ...]
+
+    def batches(self, index_batches: Iterable[list[int]]) -> Iterator[Batch]:
+        """One `Batch` per list of dataset indices."""
 
     def close(self) -> None:
         """Release workers/pipelines after an error; the next `batches` call starts afresh."""
@@ -38,15 +54,16 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return derived_seed(seed, epoch) % (2**31 - 1)
 
 
-def _reporting(backend: Backend, index_batches: Iterable[list[int]], bad_log: BadImageLog):
+def _reporting(backend: Backend, index_batches: Iterable[list[int]], bad_log: BadImageLog, action: str
+               ) -> Iterator[Batch]:
     """The backend's batches with their bad images passed to `bad_log` (which raises under
     `on_error=fail`); on any error the backend is closed so no worker lingers."""
     batches = backend.batches(index_batches)
     try:
-        for images, labels, bad in batches:
-            for path, detail in bad:
-                bad_log.report(path, detail)
-            yield images, labels
+        for batch in batches:
+            for path, detail in batch.bad:
+                bad_log.report(path, detail, action)
+            yield batch
     except Exception:
         batches.close()  # stops a background producer before the backend is reset under it
         backend.close()
@@ -126,6 +143,19 @@ class Replacements:
         raise RuntimeError(f"no readable image left in the split (first bad: {bad[0][0]})")
 
 
+def read_sample(replacements: Replacements | None, index: int, read: Callable[[int], T], bad: Bad
+                ) -> tuple[int, T] | None:
+    """(used index, `read(used index)`): with `replacements` (training) `index` or its first stand-in
+    that reads; without (evaluation) `index` itself, or None when it is bad. Bad files go to `bad`."""
+    if replacements is not None:
+        return replacements.first_readable(index, read, bad)
+    try:
+        return index, read(index)
+    except BadImage as exc:
+        bad.append((exc.path, exc.detail))
+        return None
+
+
 class TrainLoader:
     """Per-rank training batches `(images, labels)`: images float32 NCHW normalised on the device,
     labels int64 contiguous 0..K-1; drop_last; resumable position within the epoch."""
@@ -143,10 +173,6 @@ class TrainLoader:
         self.backend.set_epoch(epoch)
 
     @property
-    def epoch(self) -> int:
-        return self.sampler.epoch
-
-    @property
     def bad_images(self) -> int:
         """Distinct bad image files replaced so far (skip policy)."""
         return self.bad_log.count
@@ -158,9 +184,9 @@ class TrainLoader:
         self.sampler.load_state_dict(state)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in _reporting(self.backend, iter(self.sampler), self.bad_log):
+        for batch in _reporting(self.backend, iter(self.sampler), self.bad_log, "replaced"):
             self.sampler.advance()
-            yield images, labels
+            yield batch.images, batch.labels
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -169,13 +195,18 @@ def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 class EvalLoader:
-    """This rank's contiguous shard in order: `(images, labels, indices)`, no padding or duplicates."""
+    """This rank's contiguous shard in order: `(images, labels, indices)`, no padding or duplicates.
+
+    Unreadable images are left out (never substituted); after a pass, `unreadable` maps each one's
+    dataset index to its path. The backend must be built without substitution.
+    """
 
     def __init__(self, backend: Backend, start: int, end: int, batch_size: int, bad_log: BadImageLog) -> None:
         self.backend = backend
         self.indices = list(range(start, end))
         self.batch_size = batch_size
         self.bad_log = bad_log
+        self.unreadable: dict[int, str] = {}
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
@@ -186,5 +217,10 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         chunks = [self.indices[i:i + self.batch_size] for i in range(0, len(self.indices), self.batch_size)]
-        for chunk, (images, labels) in zip(chunks, _reporting(self.backend, chunks, self.bad_log)):
-            yield images, labels, torch.as_tensor(chunk, dtype=torch.int64)
+        unreadable: dict[int, str] = {}
+        for chunk, batch in zip(chunks, _reporting(self.backend, chunks, self.bad_log, "left out of evaluation")):
+            kept = set(batch.kept)
+            unreadable.update((i, self.backend.paths[i]) for i in chunk if i not in kept)
+            if batch.images is not None:
+                yield batch.images, batch.labels, torch.as_tensor(batch.kept, dtype=torch.int64)
+        self.unreadable = unreadable

@@ -1,9 +1,10 @@
-"""Readers for the original dataset layouts (DESIGN.md §2) and two generic ones.
+"""Readers for the original dataset layouts (docs/design.md, "Datasets") and two generic ones (a list file,
+class folders).
 
 Each reader turns a dataset tree into a `DatasetDescription` with absolute image paths and the
-labels/splits DESIGN.md fixes. Index-file problems (missing file, malformed line, a path escaping the
-root) raise `UserError` naming the file and line; image files themselves are not opened here (the
-loaders apply `data.on_error`, and `unidml data check` inspects them).
+labels/splits docs/design.md fixes. Index-file problems (missing file, malformed line, a path escaping the
+root, also through a symlink) raise `UserError` naming the file and line; image files themselves are
+not opened here (the loaders apply `data.on_error`, and `unidml data check` inspects them).
 """
 from __future__ import annotations
 
@@ -40,15 +41,26 @@ def collecting_escapes() -> Iterator[list[tuple[str, str]]]:
         _escapes.reset(token)
 
 
-def resolve_inside(root: Path, relpath: str, where: str) -> str:
-    """Absolute path of `relpath` under `root`; UserError if it escapes the root (`..`, absolute)."""
-    base = os.path.normpath(os.path.abspath(root))
-    full = os.path.normpath(os.path.join(base, relpath))
-    if os.path.commonpath([base, full]) != base:
+def resolve_inside(root: Path | None, relpath: str, where: str, hint: str = "") -> str:
+    """Absolute path of `relpath` (relative to `root`, or absolute) that must stay inside `root`.
+
+    Containment is checked on the resolved real path: `..`, absolute paths and symlinks (to a file, or a
+    linked folder on the way) that lead outside the root are refused with a `UserError` naming `where`.
+    With `root=None` (a list file used without `data.root`) an absolute path is taken as it is. The
+    lexical path (what the index names) is returned; it is what the loaders open. `hint` ends the error line.
+    """
+    if root is None:
+        return os.path.abspath(relpath)
+    base = os.path.realpath(root)
+    full = os.path.normpath(os.path.join(os.path.abspath(root), relpath))
+    real = os.path.realpath(full)
+    if os.path.commonpath([base, real]) != base:
+        linked = os.path.commonpath([os.path.abspath(root), full]) == os.path.abspath(root)
+        detail = f" (a symlink to {real})" if linked else ""
         found = _escapes.get()
         if found is None:
-            raise UserError(f"{where}: path '{relpath}' escapes the dataset root {base}")
-        found.append((full, where))
+            raise UserError(f"{where}: path '{relpath}' escapes the dataset root {base}{detail}{hint}")
+        found.append((full, where + detail))
     return full
 
 
@@ -163,24 +175,50 @@ def _labels_to_ints(raw: list[str]) -> list[int]:
         return [names[v] for v in raw]
 
 
-def _halves(paths: list[str], labels: list[int]) -> dict[str, ImageSet]:
-    """Class-disjoint split for generic layouts: the first half of the sorted classes trains."""
-    classes = sorted(set(labels))
-    if len(classes) < 2:
-        raise UserError("dataset needs at least 2 classes to form class-disjoint train/test splits")
-    boundary = classes[(len(classes) + 1) // 2]
-    return _split_by_class(paths, labels, lambda c: c < boundary)
+def derive_test_split(images: ImageSet, source: str) -> tuple[ImageSet, ImageSet, str]:
+    """(train, test, note): the class-disjoint split a dataset without a test split gets.
 
-
-def read_list(root: Path, list_file: str) -> DatasetDescription:
-    """CSV/TSV list `path,label[,split]` (paths relative to `root`; optional header line).
-
-    Split values are train|test|query|gallery; without a split column the classes are split in half
-    (class-disjoint, like CUB/Cars). A query split requires a gallery split and vice versa.
+    The sorted classes are cut in half, the first half trains and the second half is the test set (as in
+    CUB-200 and Cars196); `note` is the one line that announces it.
     """
-    if not list_file:
-        raise UserError("data.list_file: required when data.dataset=list")
-    index = Path(list_file) if os.path.isabs(list_file) else root / list_file
+    classes = images.classes
+    if len(classes) < 2:
+        raise UserError(f"{source}: needs at least 2 classes to derive a class-disjoint test split")
+    boundary = classes[(len(classes) + 1) // 2]
+    in_train = images.labels < boundary
+    rows_train, rows_test = np.flatnonzero(in_train), np.flatnonzero(~in_train)
+    train = _image_set("train", [images.paths[i] for i in rows_train], images.labels[rows_train].tolist())
+    test = _image_set("test", [images.paths[i] for i in rows_test], images.labels[rows_test].tolist())
+    note = (f"{source}: no test split given; derived a class-disjoint one: the last {test.num_classes} of "
+            f"{len(classes)} classes (in sorted order) are the test set, the first {train.num_classes} train")
+    return train, test, note
+
+
+SPLIT_NAMES = ("train", "val", "test", "query", "gallery")
+
+
+def _description(name: str, root: Path, sets: dict[str, ImageSet], source: str) -> DatasetDescription:
+    """Evaluation pairs for the splits a generic layout gave (deriving test when there is none)."""
+    if "train" not in sets:
+        raise UserError(f"{source}: no 'train' split")
+    if ("query" in sets) != ("gallery" in sets):
+        raise UserError(f"{source}: a 'query' split needs a 'gallery' split and vice versa")
+    notes: tuple[str, ...] = ()
+    if "test" not in sets and "query" not in sets:
+        sets["train"], sets["test"], note = derive_test_split(sets["train"], source)
+        notes = (note,)
+    pairs: dict[str, tuple[str, str | None]] = {}
+    if "test" in sets:
+        pairs["test"] = ("test", None)
+    if "query" in sets:
+        pairs["test" if "test" not in sets else "query"] = ("query", "gallery")
+    if "val" in sets:
+        pairs["val"] = ("val", None)
+    return DatasetDescription(name, root, sets, pairs, notes)
+
+
+def _read_rows(index: Path) -> tuple[list[tuple[int, list[str]]], str]:
+    """Non-blank CSV/TSV rows (1-based line number, stripped fields) without the header, and the delimiter."""
     rows: list[tuple[int, list[str]]] = []
     with open(_require_file(index), encoding="utf-8", newline="") as handle:
         sample = handle.readline()
@@ -194,63 +232,125 @@ def read_list(root: Path, list_file: str) -> DatasetDescription:
         rows = rows[1:]
     if not rows:
         raise UserError(f"{index}: no entries")
+    return rows, delimiter
+
+
+def read_list(root: Path | None, list_file: str) -> DatasetDescription:
+    """CSV/TSV list `path,label[,split]` with an optional header line.
+
+    Paths are relative to `root`, or absolute inside it; without a root (`data.root: ""`) absolute paths
+    are taken as they are and relative ones are relative to the list file's folder. `list_file` itself
+    is relative to `root` when one is given. Labels are integers or names. Split values are
+    train|val|test|query|gallery; a list without split column (or without test rows) gets a derived
+    class-disjoint test split (`derive_test_split`). A query split requires a gallery split and vice versa.
+    """
+    if not list_file:
+        raise UserError("data.list_file: required when data.dataset=list")
+    index = Path(list_file) if os.path.isabs(list_file) or root is None else root / list_file
+    index = Path(os.path.abspath(index))
+    rows, delimiter = _read_rows(index)
+    base = index.parent if root is None else None
     with_split = len(rows[0][1]) == 3
     paths, raw_labels, splits = [], [], []
     for number, fields in rows:
         if len(fields) != (3 if with_split else 2) or not fields[0] or not fields[1]:
             raise UserError(f"{index}:{number}: malformed line: expected 'path{delimiter}label"
                             f"{delimiter + 'split' if with_split else ''}' like the first line")
-        paths.append(resolve_inside(root, fields[0], f"{index}:{number}"))
+        relpath = fields[0] if base is None else os.path.join(base, fields[0])
+        paths.append(resolve_inside(root, relpath, f"{index}:{number}",
+                                    "; with data.root='' a list may name images anywhere"))
         raw_labels.append(fields[1])
         if with_split:
-            if fields[2] not in ("train", "test", "query", "gallery"):
+            if fields[2] not in SPLIT_NAMES:
                 raise UserError(f"{index}:{number}: malformed line: split '{fields[2]}' is not one of "
-                                f"train, test, query, gallery")
+                                f"{', '.join(SPLIT_NAMES)}")
             splits.append(fields[2])
     labels = _labels_to_ints(raw_labels)
-    if not with_split:
-        return DatasetDescription("list", root, _halves(paths, labels), dict(SELF_RETRIEVAL))
-    names = [s for s in ("train", "test", "query", "gallery") if s in splits]
-    sets = {s: _image_set(s, [p for p, t in zip(paths, splits) if t == s],
-                          [lab for lab, t in zip(labels, splits) if t == s]) for s in names}
-    if "train" not in sets:
-        raise UserError(f"{index}: no rows with split 'train'")
-    if ("query" in sets) != ("gallery" in sets):
-        raise UserError(f"{index}: a 'query' split needs a 'gallery' split and vice versa")
-    pairs = {}
-    if "test" in sets:
-        pairs["test"] = ("test", None)
-    if "query" in sets:
-        pairs["query"] = ("query", "gallery")
-    if not pairs:
-        raise UserError(f"{index}: no evaluation rows (split 'test' or 'query'+'gallery')")
-    return DatasetDescription("list", root, sets, pairs)
+    names = [s for s in SPLIT_NAMES if s in splits] if with_split else ["train"]
+    tags = splits if with_split else ["train"] * len(paths)
+    sets = {s: _image_set(s, [p for p, t in zip(paths, tags) if t == s],
+                          [lab for lab, t in zip(labels, tags) if t == s]) for s in names}
+    return _description("list", root if root is not None else index.parent, sets, str(index))
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _folder_images(root: Path, folder: Path, label_of: dict[str, int]) -> tuple[list[str], list[int]]:
+    """Every image below `folder/<class>/` (recursively, sorted, symlinks followed), each checked to stay
+    inside `root`; a linked folder leading outside is refused (or, in `data check`, recorded) without
+    being walked, and a link loop is cut."""
+    base = os.path.realpath(root)
+    seen: set[str] = set()
+
+    def enter(path: str, where: str) -> bool:
+        """Whether to walk into `path` (inside the root, not walked yet)."""
+        real = os.path.realpath(resolve_inside(root, os.path.relpath(path, root), where))
+        if os.path.commonpath([base, real]) != base or real in seen:
+            return False
+        seen.add(real)
+        return True
+
+    paths, labels = [], []
+    for name in _class_folders(folder):
+        if not enter(str(folder / name), str(folder)):
+            continue
+        for dirpath, dirnames, filenames in os.walk(folder / name, followlinks=True):
+            dirnames[:] = [d for d in sorted(dirnames) if enter(os.path.join(dirpath, d), dirpath)]
+            for filename in sorted(filenames):
+                if filename.lower().endswith(IMAGE_EXTENSIONS):
+                    full = os.path.join(dirpath, filename)
+                    paths.append(resolve_inside(root, os.path.relpath(full, root), dirpath))
+                    labels.append(label_of[name])
+    return paths, labels
 
 
 def read_folder(root: Path) -> DatasetDescription:
-    """One sub-folder per class (sorted names give labels 0..K-1); classes split in half."""
+    """Class folders: `root/<class>/...` or, split by folder, `root/{train,val,test}/<class>/...`.
+
+    A class's label is the index of its folder name among all class names (sorted), so a class seen in
+    two splits keeps one label. Without a `test` folder the test split is derived (`derive_test_split`).
+    Symlinked files and folders are followed but must stay inside the root.
+    """
     if not root.is_dir():
         raise UserError(f"{root}: dataset folder not found")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / name):
-            dirnames.sort()
-            for filename in sorted(filenames):
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(os.path.join(os.path.abspath(dirpath), filename))
-                    labels.append(label)
-    if not paths:
-        raise UserError(f"{root}: no class folders with images ({', '.join(IMAGE_EXTENSIONS)})")
-    return DatasetDescription("folder", root, _halves(paths, labels), dict(SELF_RETRIEVAL))
+    top = _class_folders(root)
+    by_split = "train" in top and set(top) <= {"train", "val", "test"}
+    folders = {s: root / s for s in top} if by_split else {"train": root}
+    names = sorted({name for folder in folders.values() for name in _class_folders(folder)})
+    label_of = {name: i for i, name in enumerate(names)}
+    sets = {}
+    for split, folder in folders.items():
+        paths, labels = _folder_images(root, folder, label_of)
+        if not paths:
+            raise UserError(f"{folder}: no class folders with images ({', '.join(IMAGE_EXTENSIONS)})")
+        sets[split] = _image_set(split, paths, labels)
+    return _description("folder", root, {s: sets[s] for s in SPLIT_NAMES if s in sets}, str(root))
 
 
-def read_dataset(kind: str, root: Path, list_file: str = "") -> DatasetDescription:
-    """Dispatch on `data.dataset` (synthetic data is in the SOP layout)."""
-    if kind in ("sop", "synthetic"):
-        return read_sop(root, name=kind)
+# `data.dataset` values and what each reads (for `unidml list datasets`).
+DATASETS: dict[str, str] = {
+    "sop": "Stanford Online Products: Ebay_train.txt, Ebay_test.txt under data.root",
+    "inshop": "In-Shop Clothes Retrieval: list_eval_partition.txt (query against gallery)",
+    "cub": "CUB-200-2011: images.txt, images/ (classes 1-100 train, 101-200 test)",
+    "cars": "Cars196: cars_annos.mat, car_ims/ (classes 1-98 train, 99-196 test)",
+    "list": "your images in a CSV/TSV list, `path,label[,split]` per row (configs/list.yaml)",
+    "folder": "your images in class folders, root/<class>/ or root/{train,val,test}/<class>/ (configs/folder.yaml)",
+    "synthetic": "the built-in synthetic dataset (SOP layout), generated into data.root on first use",
+}
+
+
+def read_dataset(kind: str, root: Path | str | None, list_file: str = "") -> DatasetDescription:
+    """Dispatch on `data.dataset` (synthetic data is in the SOP layout). Only a list may go without a
+    root (`None` or empty)."""
+    root = Path(os.path.abspath(root)) if root not in (None, "") else None
     if kind == "list":
         return read_list(root, list_file)
+    if root is None:
+        raise UserError(f"data.root: required for data.dataset={kind} (only a list file may go without one)")
+    if kind in ("sop", "synthetic"):
+        return read_sop(root, name=kind)
     readers = {"inshop": read_inshop, "cub": read_cub, "cars": read_cars, "folder": read_folder}
     if kind not in readers:
         raise UserError(f"data.dataset: unknown dataset '{kind}'")

@@ -69,12 +69,17 @@ class DistributedBatchSampler:
         self.position += 1
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world_size": self.world_size,
+                "global_batch_size": self.global_batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if int(state.get("world_size", self.world_size)) != self.world_size:
-            raise UserError(f"sampler state: saved with world_size={state['world_size']}, "
-                            f"resuming with {self.world_size}: the epoch plan would differ")
+        """Resume the saved position. The plan depends only on (seed, epoch, global batch), so another
+        world size with the same global batch continues the same run (an elastic restart)."""
+        saved = int(state.get("global_batch_size", int(state.get("world_size", self.world_size)) * self.batch_size))
+        if saved != self.global_batch_size:
+            raise UserError(f"sampler state: saved with world_size={state.get('world_size')} (global batch {saved}), "
+                            f"resuming with world_size={self.world_size} (global batch {self.global_batch_size}): "
+                            f"the epoch plan would differ")
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])
         self.seed = int(state.get("seed", self.seed))

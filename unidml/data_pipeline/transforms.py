@@ -1,4 +1,4 @@
-"""The augmentation recipe (DESIGN.md §3), shared by the DALI and torchvision backends."""
+"""The augmentation recipe (docs/design.md, "Training recipe"), shared by the DALI and torchvision backends."""
 from __future__ import annotations
 
 import functools

@@ -4,10 +4,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from unidml.runtime.collectives import process_group_active
+from unidml.runtime.device import choose_device
 
 
 @dataclass(frozen=True)
@@ -26,13 +28,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def _pick_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
 
 
 TIMEOUT = timedelta(minutes=30)
@@ -59,30 +54,18 @@ def init_distributed(requested_device: str = "auto", local_rank_arg: int | None 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
-    device = _pick_device(requested_device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    device = choose_device(requested_device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not process_group_active():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=TIMEOUT,
                                 store=_restart_scoped_store(world_size))
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
-    """Every rank's `obj`, in rank order (just `[obj]` in a one-process run)."""
-    if not env.distributed:
-        return [obj]
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier(env: DistEnv) -> None:
-    if env.distributed:
-        dist.barrier()
-
-
 def shutdown(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
+    if env.distributed and process_group_active():
         dist.destroy_process_group()
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from unidml.engine.precision import autocast
+from unidml.engine.backends.base import ChunkableBackend
 
 
 @dataclass
@@ -58,23 +58,24 @@ def _norm_buffers(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training for buf in m.buffers()]
 
 
-def chunked_step(backend, images: torch.Tensor, labels: torch.Tensor, chunks: int, sync_last: bool) -> torch.Tensor:
+def chunked_step(backend: ChunkableBackend, images: torch.Tensor, labels: torch.Tensor, chunks: int,
+                 sync_last: bool) -> torch.Tensor:
     """Accumulate the full-batch gradient of one micro-batch into `.grad` via `chunks` chunks; return the loss.
 
-    `backend` is a `TorchBackend` (its `module` is the `TrainStep`, `forward` goes through DDP,
-    `scaled` applies accumulation and loss scaling, `sync` gates the all-reduce); the all-reduce
+    `backend.module` is the `TrainStep`, `backend.forward` goes through the gradient-reducing wrapper,
+    `backend.scaled` applies accumulation and loss scaling, `backend.sync` gates the all-reduce, which
     runs on the last chunk only when `sync_last`.
     """
-    module, device, precision = backend.module, backend.env.device, backend.precision
+    module, device = backend.module, images.device
     pieces = images.tensor_split(chunks)
     states, outputs = [], []
-    with torch.no_grad(), autocast(device, precision):
+    with torch.no_grad(), backend.autocast():
         for piece in pieces:
             states.append(_rng_state(device))
             outputs.append(module.model(piece).float())
     embeddings = torch.cat(outputs).requires_grad_()
     params = [p for p in module.loss.parameters() if p.requires_grad]
-    with autocast(device, precision):
+    with backend.autocast():
         loss = module.loss(embeddings, labels)
     grads = torch.autograd.grad(backend.scaled(loss), [embeddings, *params], allow_unused=True)
     param_grads = [(p, g) for p, g in zip(params, grads[1:]) if g is not None]

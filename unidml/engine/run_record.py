@@ -1,26 +1,56 @@
 """What a run leaves behind (rank 0 only): metrics.json, TensorBoard scalars, PNG plots.
 
 `metrics.json` holds one entry per evaluated epoch (`epoch`, `recall@K`..., `map@r`,
-`r_precision`, and every evaluated split under `splits`), the `best` entry with the protocol
-that selected it, and training throughput. It is rewritten atomically after every evaluation.
+`r_precision`, the query counts `num_queries`, `excluded_queries`, `unreadable_images`, and every
+evaluated split under `splits`), the `best` entry with the protocol that selected it, training
+throughput, and `stopped` (null, or why the run stopped early: `{"reason": "non_finite", ...}`).
+It is rewritten atomically after every evaluation; a full disk fails with one line and leaves the
+previous file intact.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
+from unidml.errors import UserError  # noqa: E402
+
+
+def write_atomic(write: Callable[[Path], None], path: Path) -> None:
+    """Replace `path` with what `write(temp_path)` produces, in one rename, so readers never see half
+    a file; an OS error (a full disk) is one line and leaves the old file as it was."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+        raise UserError(f"{path}: cannot write ({reason}); the previous version is intact") from None
+
 
 def write_text_atomic(text: str, path: Path) -> None:
-    """Replace `path` with `text` in one rename, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """`write_atomic` of a text file."""
+    write_atomic(lambda tmp: tmp.write_text(text), path)
+
+
+COUNT_KEYS = ("num_queries", "excluded_queries", "unreadable_images")
+
+
+def query_counts(metrics: dict) -> str:
+    """What a metrics line rests on: "(N queries, E excluded: no relevant reference, U unreadable
+    images left out)", the last part only when some were."""
+    text = f"{metrics['num_queries']} queries, {metrics['excluded_queries']} excluded: no relevant reference"
+    if metrics.get("unreadable_images"):
+        text += f", {metrics['unreadable_images']} unreadable images left out"
+    return f"({text})"
 
 
 class RunRecord:
@@ -32,6 +62,7 @@ class RunRecord:
         self.selection_split = selection_split
         self.history: list[dict] = list(history or [])
         self.throughput: dict[str, float] = {}
+        self.stopped: dict | None = None
         self._writer = None
 
     @property
@@ -56,7 +87,8 @@ class RunRecord:
         best = max(scored, key=lambda entry: (entry[key], -entry["epoch"]))
         return {**best, "selected_by": f"{self.selection_split} recall@1"}
 
-    def add_evaluation(self, epoch: int, step: int, splits: dict[str, dict[str, float]], extra: dict[str, float]) -> bool:
+    def add_evaluation(self, epoch: int, step: int, splits: dict[str, dict[str, float]],
+                       extra: dict[str, float]) -> bool:
         """Record one evaluation (plus `extra`, e.g. the epoch's train loss); return whether it is the new best."""
         entry = {"epoch": epoch, "step": step, **extra, **splits[self.selection_split], "splits": splits}
         self.history = [e for e in self.history if e["epoch"] != epoch] + [entry]
@@ -66,11 +98,16 @@ class RunRecord:
         self.flush()
         return best is not None and best["epoch"] == epoch
 
+    def stop(self, reason: str, message: str, epoch: int, step: int) -> None:
+        """Record that the run stopped early (e.g. `non_finite`: a diverged model) and why."""
+        self.stopped = {"reason": reason, "epoch": epoch, "step": step, "message": message}
+        self.flush()
+
     def flush(self) -> None:
         if not self.enabled:
             return
         data = {"epochs": self.history, "best": self.best(), "protocol": self._protocol(),
-                "throughput": self.throughput}
+                "throughput": self.throughput, "stopped": self.stopped}
         write_text_atomic(json.dumps(data, indent=2) + "\n", self.run_dir / "metrics.json")
         self._plot()
         if self._writer is not None:
@@ -78,7 +115,8 @@ class RunRecord:
 
     def _protocol(self) -> str:
         if self.selection_split == "val":
-            return "best epoch selected on the class-disjoint validation split (val recall@1); test metrics reported at that epoch"
+            return ("best epoch selected on the class-disjoint validation split (val recall@1); "
+                    "test metrics reported at that epoch")
         return "best epoch selected on test recall@1 (the authors' protocol)"
 
     def _plot(self) -> None:
@@ -88,7 +126,8 @@ class RunRecord:
         ks = sorted({int(k.split("@")[1]) for entry in self.history for k in entry if k.startswith("recall@")})
         fig, ax = plt.subplots(figsize=(6, 4))
         for k in ks:
-            ax.plot(epochs, [entry.get(f"recall@{k}", float("nan")) for entry in self.history], marker="o", label=f"R@{k}")
+            values = [entry.get(f"recall@{k}", float("nan")) for entry in self.history]
+            ax.plot(epochs, values, marker="o", label=f"R@{k}")
         ax.set_xlabel("epoch (0 = before training)")
         ax.set_ylabel(f"{self.selection_split} Recall@K (%)")
         ax.set_ylim(0, 100)
@@ -96,8 +135,11 @@ class RunRecord:
         ax.legend()
         fig.tight_layout()
         (self.run_dir / "plots").mkdir(exist_ok=True)
-        fig.savefig(self.run_dir / "plots" / "recall_at_k.png", dpi=100)
-        plt.close(fig)
+        try:
+            write_atomic(lambda tmp: fig.savefig(tmp, dpi=100, format="png"),
+                         self.run_dir / "plots" / "recall_at_k.png")
+        finally:
+            plt.close(fig)
 
     def close(self) -> None:
         self.flush()

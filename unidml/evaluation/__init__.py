@@ -1,4 +1,5 @@
-"""Retrieval evaluation: embedding extraction per rank, sharded exact FAISS k-NN, metrics (DESIGN.md §6)."""
+"""Retrieval evaluation: embedding extraction per rank, sharded exact FAISS k-NN, metrics
+(docs/design.md, "Evaluation")."""
 from unidml.evaluation.evaluate import evaluate_model, extract_embeddings
 from unidml.evaluation.retrieval import retrieval_metrics, sharded_knn
 

@@ -1,4 +1,7 @@
-"""A contact sheet PNG: the query image followed by its nearest gallery images with their scores."""
+"""A contact sheet PNG: the query image followed by its nearest gallery images with their scores.
+
+When the query's class is known, each hit is framed green (same class: a correct hit) or red (another
+class: a wrong hit), and its caption says which."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,14 +12,17 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 CAPTION_HEIGHT = 30
 MARGIN = 6
+QUERY, CORRECT, WRONG = (30, 90, 200), (20, 150, 40), (210, 30, 30)  # frame colours
 
 
 @dataclass(frozen=True)
 class Hit:
-    """One retrieved gallery image: its path and the caption line under it (e.g. 'cos 0.873')."""
+    """One retrieved gallery image: its path, the caption line under it (e.g. 'cos 0.873') and whether it
+    has the query's class (None: unknown, no mark)."""
 
     path: str
     caption: str
+    correct: bool | None = None
 
 
 def _tile(path: str, size: int) -> Image.Image:
@@ -36,8 +42,10 @@ def _short(text: str, limit: int) -> str:
 def write_contact_sheet(query_path: str, hits: Sequence[Hit], out_path: str | Path, *, thumb: int = 160,
                         columns: int = 5) -> Path:
     """Draw the query (first cell, framed) and the hits in rank order on a grid; save as PNG."""
-    cells = [(query_path, "query", _name(query_path))]
-    cells += [(hit.path, f"#{rank} {hit.caption}", _name(hit.path)) for rank, hit in enumerate(hits, 1)]
+    marks = {True: (CORRECT, " ok"), False: (WRONG, " WRONG"), None: (None, "")}
+    cells = [(query_path, "query", _name(query_path), QUERY)]
+    cells += [(hit.path, f"#{rank} {hit.caption}{marks[hit.correct][1]}", _name(hit.path), marks[hit.correct][0])
+              for rank, hit in enumerate(hits, 1)]
     columns = max(1, min(columns, len(cells)))
     rows = -(-len(cells) // columns)
     cell_w, cell_h = thumb + 2 * MARGIN, thumb + CAPTION_HEIGHT + 2 * MARGIN
@@ -45,11 +53,11 @@ def write_contact_sheet(query_path: str, hits: Sequence[Hit], out_path: str | Pa
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
     chars = max(8, thumb // 6)
-    for i, (path, title, name) in enumerate(cells):
+    for i, (path, title, name, frame) in enumerate(cells):
         x, y = (i % columns) * cell_w + MARGIN, (i // columns) * cell_h + MARGIN
         sheet.paste(_tile(path, thumb), (x, y))
-        if i == 0:
-            draw.rectangle((x - 3, y - 3, x + thumb + 2, y + thumb + 2), outline=(30, 90, 200), width=3)
+        if frame is not None:
+            draw.rectangle((x - 3, y - 3, x + thumb + 2, y + thumb + 2), outline=frame, width=3)
         draw.text((x, y + thumb + 2), _short(title, chars), fill="black", font=font)
         draw.text((x, y + thumb + 15), _short(name, chars), fill=(90, 90, 90), font=font)
     out_path = Path(out_path)

@@ -31,9 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unidml.config import METRICS
 from unidml.evaluation.evaluate import extract_embeddings
-
-SIMILARITIES = ("cosine", "euclidean")
 
 
 def _neighbour_log_posterior(z: torch.Tensor, y: torch.Tensor, temperature: float, metric: str,
@@ -67,8 +66,8 @@ def knn_conditional_entropy(embeddings: torch.Tensor | np.ndarray, labels: torch
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if metric not in SIMILARITIES:
-        raise ValueError(f"metric must be one of {SIMILARITIES}, got '{metric}'")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
     z = torch.as_tensor(np.asarray(embeddings) if not isinstance(embeddings, torch.Tensor) else embeddings)
     z = z.detach().cpu().double()
     y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).cpu().long()

@@ -6,9 +6,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-def process_group_active() -> bool:
-    return dist.is_available() and dist.is_initialized()
+from unidml.runtime.collectives import process_group_active
 
 
 class Collectives:

@@ -1,1 +1,1 @@
-"""launcher"""
+"""The `unidml` command line (`cli`) and its thin commands (`commands/`)."""

@@ -19,14 +19,50 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("eval", "evaluate", "evaluate a checkpoint: Recall@K, MAP@R, R-Precision"),
     ("compare", "compare", "train CE and pairwise losses side by side and tabulate them"),
     ("search", "search", "retrieve the nearest gallery images of a query image (contact sheet PNG)"),
+    ("embed", "embed", "write the embeddings of a split or of a folder/list of images (.npy + .tsv)"),
+    ("export", "export", "export the embedding network to ONNX or TorchScript, verified against PyTorch"),
+    ("index", "index", "build a FAISS index (exact or IVF/HNSW/PQ) over embeddings, with its recall"),
+    ("models", "models", "list the backbones model.arch accepts (torchvision, timm/NAME) and local weights"),
     ("launch", "launch", "print or run the torchrun / deepspeed command for a cluster shape"),
+    ("list", "list_registry", "list what a config can name: losses, backbones, datasets"),
+    ("config show", "config_show", "print the resolved config (defaults + files + overrides) as YAML"),
     ("data synth", "data_synth", "write the built-in synthetic dataset (SOP layout)"),
     ("data check", "data_check", "validate a dataset tree and summarise it"),
 )
 
 
+DESCRIPTION = """\
+Train image embedding models for retrieval (deep metric learning) and measure them honestly.
+
+Give it labelled images (your own class folders or CSV list, or a standard benchmark), and it trains a
+network whose embeddings put images of the same class close together: with cross-entropy or a pairwise
+loss (contrastive, triplet, multi-similarity, ...), on a CPU, one GPU or many. It reports Recall@K,
+MAP@R and R-Precision on classes never seen in training, choosing the best epoch on a validation split.
+"""
+EPILOG = """\
+examples:
+  unidml train --config configs/quickstart.yaml            # a few minutes on a CPU, synthetic data
+  unidml train --config configs/folder.yaml data.root=/data/my_images
+  unidml config show --config configs/quickstart.yaml loss.name=triplet
+  unidml eval --checkpoint runs/quickstart/checkpoints/best.pt
+  unidml search --checkpoint runs/quickstart/checkpoints/best.pt --query photo.jpg
+"""
+
+
+def _version() -> str:
+    """The installed package's version (`unidml/__init__.py` is its source, read by setup.py)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("unidml")
+    except PackageNotFoundError:
+        return "(not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unidml", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="unidml", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"unidml {_version()}")
     # The deepspeed launcher puts `--local_rank=N` before the subcommand (`python -m unidml --local_rank=0 train ...`).
     parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
                         help=argparse.SUPPRESS)

@@ -1,1 +1,2 @@
-"""Pairwise losses over the n x m similarity matrix, with reference, tiled and Triton backends."""
+"""Row-wise reductions over the n x m anchors x references matrix: row programs (`rows`), the
+reference, tiled and Triton backends, and the dispatcher that picks one (`dispatch`)."""

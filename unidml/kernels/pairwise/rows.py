@@ -1,25 +1,83 @@
 """Row programs: each pairwise loss as per-anchor sums over one block of rows of V.
 
-`rows(v, pos, neg, not_self)` returns `(sums, counts)`, both (rows, 2): column 0 is the tightness
-part, column 1 the contrast part. `sums` is differentiable in `v`; `counts` are piecewise constant.
-The loss is `T/max(N_t, 1) + C/max(N_c, 1)` with T, C, N_t, N_c the column totals over all anchors,
-so any backend that produces the same per-row sums (whole matrix, row chunks, fused kernel, or
-several ranks) gives the same loss and gradient.
+Every row program is a `RowProgram`: `rows(v, pos, neg, not_self)` returns `(sums, counts)`, both
+(rows, 2): column 0 is the tightness part, column 1 the contrast part. `sums` is differentiable in
+`v`; `counts` are piecewise constant. The loss is `T/max(N_t, 1) + C/max(N_c, 1)` with T, C, N_t, N_c
+the column totals over all anchors, so any backend that produces the same per-row sums (whole
+matrix, row chunks, fused kernel, or several ranks) gives the same loss and gradient. `rows` is
+written for autograd on dense masks: it is all the reference and tiled backends need.
 
-`rows` is written for autograd on dense masks (the reference backend, and the tiled fallback).
-Contrastive, multi-similarity, SNCA and SupCon also give the tiled backend closed forms on a chunk of V with the
-same-label columns listed per row (`tiled.SameColumns`): `chunk_forward(v, cols, y, ref_y) ->
-(sums, counts, saved)` and `chunk_grad(v, cols, y, ref_y, saved, grad_sums) -> dL/dV`; they may
-overwrite `v`.
+Optional capabilities, each a Protocol the backends test with isinstance:
+- `OracleRowProgram.reference_rows`: an explicit (slower) form the reference backend prefers.
+- `ChunkedRowProgram`: closed forms on a chunk of V with the same-label columns listed per row
+  (`tiled.SameColumns`): `chunk_forward(v, cols, y, ref_y) -> (sums, counts, saved)` and
+  `chunk_grad(v, cols, y, ref_y, saved, grad_sums) -> dL/dV`; both may overwrite `v`.
+- `SparseChunkedRowProgram`: a chunk whose gradient lives on its positives only
+  (`sparse_chunk(saved)`), with that gradient from the gathered positive values (`positive_grad`).
+- `FusedRowProgram.kernel_args()`: the fused Triton kernel's arguments, or None without a kernel.
+
+V follows the duplicate rule of `geometry` (snapped values); every hinge or mining decision here is
+taken strictly on those values, so all backends agree on duplicated embeddings.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
+from unidml.kernels.pairwise.fused import REDUCTION_IDS, KernelArgs, LossId
+from unidml.kernels.pairwise.geometry import pair_metric
+
+if TYPE_CHECKING:
+    from unidml.kernels.pairwise.tiled import SameColumns
+
 NEG_INF = float("-inf")
+
+
+@runtime_checkable
+class RowProgram(Protocol):
+    """A pairwise loss as per-anchor (sums, counts) over a dense block of V."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def metric(self) -> str: ...
+
+    def rows(self, v: Tensor, pos: Tensor, neg: Tensor, not_self: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+@runtime_checkable
+class OracleRowProgram(RowProgram, Protocol):
+    def reference_rows(self, v: Tensor, pos: Tensor, neg: Tensor, not_self: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+@runtime_checkable
+class ChunkedRowProgram(RowProgram, Protocol):
+    def chunk_forward(self, v: Tensor, cols: SameColumns, y: Tensor,
+                      ref_y: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def chunk_grad(self, v: Tensor, cols: SameColumns, y: Tensor, ref_y: Tensor, saved: Tensor,
+                   grad: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class SparseChunkedRowProgram(ChunkedRowProgram, Protocol):
+    def sparse_chunk(self, saved: Tensor) -> bool: ...
+
+    def positive_grad(self, pos_v: Tensor, cols: SameColumns, grad: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class FusedRowProgram(RowProgram, Protocol):
+    def kernel_args(self) -> KernelArgs | None: ...
+
+
+def fused_kernel_args(spec: RowProgram) -> KernelArgs | None:
+    """The fused kernel's arguments of `spec`; None where it has no kernel."""
+    return spec.kernel_args() if isinstance(spec, FusedRowProgram) else None
 
 
 def masked_logsumexp(a: Tensor, mask: Tensor, add_one: bool = False) -> Tensor:
@@ -36,16 +94,6 @@ def _stack(tight: Tensor, contrast: Tensor) -> Tensor:
     return torch.stack([tight, contrast], dim=1)
 
 
-def dissimilarity(v: Tensor, metric: str) -> Tensor:
-    """u: distance as is, similarity negated, so margin losses read the same for both metrics."""
-    return v if metric == "euclidean" else -v
-
-
-def oriented_margin(margin: float, metric: str) -> float:
-    """A margin on V expressed on u (PML's `distance.margin` convention for inverted metrics)."""
-    return margin if metric == "euclidean" else -margin
-
-
 def _set_self(v: Tensor, cols, value: float) -> Tensor:
     """Write `value` at each row's self column (in place, O(rows))."""
     rows = torch.nonzero(cols.self_col >= 0).squeeze(1)
@@ -59,7 +107,7 @@ def _counts(a: Tensor, b: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class ContrastiveRows:
-    """Σ_pos (u - m_pos)_+^p and Σ_neg (m_neg - u)_+^p; counts per `reduction`.
+    """Σ_pos (u - m_pos)_+^p and Σ_neg (m_neg - u)_+^p on u = sign·V; counts per `reduction`.
 
     `chunk_forward` / `chunk_grad` are the tiled backend's closed forms: the negative part is dense
     over the chunk with same-label entries masked out, the positive part is gathered per row.
@@ -71,18 +119,18 @@ class ContrastiveRows:
     metric: str
     name = "contrastive"
 
-    def _sign(self) -> float:
-        return 1.0 if self.metric == "euclidean" else -1.0
-
     def _pos_part(self, v: Tensor) -> Tensor:
-        """relu(σ(v - m_pos)), a new tensor."""
-        out = v - self.pos_margin if self.metric == "euclidean" else torch.rsub(v, self.pos_margin)
-        return out.clamp_min_(0.0)
+        """relu(u - m_pos), a new tensor."""
+        return pair_metric(self.metric).beyond(v, self.pos_margin).clamp_min_(0.0)
 
     def _neg_part(self, v: Tensor, same: Tensor) -> Tensor:
-        """relu(σ(m_neg - v)) with same-label entries zeroed, a new tensor."""
-        out = torch.rsub(v, self.neg_margin) if self.metric == "euclidean" else v - self.neg_margin
-        return out.clamp_min_(0.0).masked_fill_(same, 0.0)
+        """relu(m_neg - u) with same-label entries zeroed, a new tensor."""
+        return pair_metric(self.metric).within(v, self.neg_margin).clamp_min_(0.0).masked_fill_(same, 0.0)
+
+    def kernel_args(self) -> KernelArgs:
+        geom = pair_metric(self.metric)
+        params = (geom.margin(self.pos_margin), geom.margin(self.neg_margin), geom.sign, 0.0)
+        return KernelArgs(LossId.CONTRASTIVE, params, self.power, REDUCTION_IDS[self.reduction])
 
     def chunk_forward(self, v: Tensor, cols, y: Tensor, ref_y: Tensor):
         neg = self._neg_part(v, y[:, None] == ref_y[None, :])
@@ -105,50 +153,59 @@ class ContrastiveRows:
 
     def positive_grad(self, pos_v: Tensor, cols, grad: Tensor) -> Tensor:
         """dL/dV at the gathered same-label columns (zero off the positives)."""
+        sign = pair_metric(self.metric).sign
         pos = torch.where(cols.pos, self._pos_part(pos_v), 0.0)
-        if self.power == 2:  # d/dv relu(σ(v - m))² = 2σ relu(...)
-            return pos * (grad[:, 0:1] * (2.0 * self._sign()))
-        return (pos > 0) * (grad[:, 0:1] * self._sign())
+        if self.power == 2:  # d/dv relu(u - m)² = 2·sign·relu(...)
+            return pos * (grad[:, 0:1] * (2.0 * sign))
+        return (pos > 0) * (grad[:, 0:1] * sign)
 
     def chunk_grad(self, v: Tensor, cols, y: Tensor, ref_y: Tensor, saved: Tensor, grad: Tensor) -> Tensor:
-        sign = self._sign()
+        sign = pair_metric(self.metric).sign
         neg = self._neg_part(v, y[:, None] == ref_y[None, :])
-        if self.power == 2:  # d/dv relu(σ(m - v))² = -2σ relu(...)
+        if self.power == 2:  # d/dv relu(m - u)² = -2·sign·relu(...)
             g = neg.mul_(grad[:, 1:2] * (-2.0 * sign))
         else:
             g = neg.gt_(0.0).mul_(grad[:, 1:2] * -sign)
         return g.scatter_add_(1, cols.cols, self.positive_grad(v.gather(1, cols.cols), cols, grad))
 
     def rows(self, v: Tensor, pos: Tensor, neg: Tensor, not_self: Tensor) -> tuple[Tensor, Tensor]:
-        u = dissimilarity(v, self.metric)
-        zero = torch.zeros_like(u)
-        pos_loss = torch.where(pos, torch.relu(u - oriented_margin(self.pos_margin, self.metric)), zero) ** self.power
-        neg_loss = torch.where(neg, torch.relu(oriented_margin(self.neg_margin, self.metric) - u), zero) ** self.power
+        geom = pair_metric(self.metric)
+        zero = torch.zeros_like(v)
+        pos_loss = torch.where(pos, torch.relu(geom.beyond(v, self.pos_margin)), zero) ** self.power
+        neg_loss = torch.where(neg, torch.relu(geom.within(v, self.neg_margin)), zero) ** self.power
         if self.reduction == "mean_nonzero":
             counts = _stack((pos_loss > 0).sum(1), (neg_loss > 0).sum(1))
         elif self.reduction == "mean":
             counts = _stack(pos.sum(1), neg.sum(1))
-        else:  # per_anchor: (1/n) Σ_i Σ_j as in DESIGN §4
-            counts = torch.ones(u.shape[0], 2, dtype=torch.long, device=u.device)
-        return _stack(pos_loss.sum(1), neg_loss.sum(1)), counts.to(u.dtype)
+        else:  # per_anchor: (1/n) Σ_i Σ_j (docs/design.md, "Losses")
+            counts = torch.ones(v.shape[0], 2, dtype=torch.long, device=v.device)
+        return _stack(pos_loss.sum(1), neg_loss.sum(1)), counts.to(v.dtype)
 
 
 @dataclass(frozen=True)
 class MultiSimilarityRows:
-    """Multi-similarity with its miner (PML's MultiSimilarityLoss + MultiSimilarityMiner)."""
+    """Multi-similarity with its miner (PML's MultiSimilarityLoss + MultiSimilarityMiner).
+
+    `mine=False` keeps every pair of the masks (PML's loss on pairs another miner chose); only `rows`
+    honours it, so such a spec is for the reference backend alone (the loss's `indices_tuple` path).
+    """
     alpha: float
     beta: float
     base: float
     epsilon: float
     metric: str = "cosine"
+    mine: bool = True
     name = "multi_similarity"
+
+    def kernel_args(self) -> KernelArgs:
+        return KernelArgs(LossId.MULTI_SIMILARITY, (self.alpha, self.beta, self.base, self.epsilon))
 
     def rows(self, v: Tensor, pos: Tensor, neg: Tensor, not_self: Tensor) -> tuple[Tensor, Tensor]:
         s = v.detach()
         hardest_neg = torch.where(neg, s, torch.full_like(s, NEG_INF)).amax(1, keepdim=True)
         easiest_pos = torch.where(pos, s, torch.full_like(s, float("inf"))).amin(1, keepdim=True)
-        keep_pos = pos & (s - self.epsilon < hardest_neg)
-        keep_neg = neg & (s + self.epsilon > easiest_pos)
+        keep_pos = pos & (s - self.epsilon < hardest_neg) if self.mine else pos
+        keep_neg = neg & (s + self.epsilon > easiest_pos) if self.mine else neg
         tight = masked_logsumexp(-self.alpha * (v - self.base), keep_pos, add_one=True) / self.alpha
         contrast = masked_logsumexp(self.beta * (v - self.base), keep_neg, add_one=True) / self.beta
         return _stack(tight, contrast), torch.ones(v.shape[0], 2, dtype=v.dtype, device=v.device)
@@ -156,7 +213,7 @@ class MultiSimilarityRows:
     def _kept_negatives(self, v: Tensor, y: Tensor, ref_y: Tensor, easiest_pos: Tensor) -> Tensor:
         """v with same-label entries and unmined negatives set to -inf (a new tensor)."""
         v_neg = v.masked_fill(y[:, None] == ref_y[None, :], NEG_INF)
-        return v_neg.masked_fill_(v_neg <= (easiest_pos - self.epsilon)[:, None], NEG_INF)
+        return v_neg.masked_fill_(torch.add(v_neg, self.epsilon) <= easiest_pos[:, None], NEG_INF)
 
     def _kept_positives(self, v: Tensor, cols, hardest_neg: Tensor) -> tuple[Tensor, Tensor]:
         pos_v = v.gather(1, cols.cols)
@@ -199,6 +256,9 @@ class SoftNeighbourRows:
     @property
     def name(self) -> str:
         return "supcon" if self.per_positive else "snca"
+
+    def kernel_args(self) -> KernelArgs:
+        return KernelArgs(LossId.SUPCON if self.per_positive else LossId.SNCA, (self.temperature, 0.0, 0.0, 0.0))
 
     def rows(self, v: Tensor, pos: Tensor, neg: Tensor, not_self: Tensor) -> tuple[Tensor, Tensor]:
         a = v / self.temperature
@@ -270,8 +330,14 @@ class TripletRows:
     metric: str
     name = "triplet"
 
+    def kernel_args(self) -> KernelArgs | None:
+        """Only batch-hard mining has a fused kernel (its two row statistics fit the one-pass form)."""
+        if self.mining != "batch_hard":
+            return None
+        return KernelArgs(LossId.BATCH_HARD_TRIPLET, (self.margin, 0.0, pair_metric(self.metric).sign, 0.0))
+
     def rows(self, v: Tensor, pos: Tensor, neg: Tensor, not_self: Tensor) -> tuple[Tensor, Tensor]:
-        u = dissimilarity(v, self.metric)
+        u = pair_metric(self.metric).dissimilarity(v)
         if self.mining == "batch_hard":
             return self._batch_hard(u, pos, neg)
         inf = torch.full_like(u, float("inf"))
@@ -295,7 +361,7 @@ class TripletRows:
         return _stack(tight, contrast), torch.stack([count, count], dim=1)
 
     def reference_rows(self, v: Tensor, pos: Tensor, neg: Tensor, not_self: Tensor) -> tuple[Tensor, Tensor]:
-        u = dissimilarity(v, self.metric)
+        u = pair_metric(self.metric).dissimilarity(v)
         if self.mining == "batch_hard":
             return self._batch_hard(u, pos, neg)
         gap = u[:, None, :] - u[:, :, None]  # [i, p, n] = u_an - u_ap

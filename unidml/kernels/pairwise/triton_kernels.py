@@ -12,15 +12,29 @@ Half-precision tiles go to tl.dot as they are (tensor cores, fp32 accumulation);
 them first, which is used under TRITON_INTERPRET=1 only, whose bf16 dot is not faithful (bf16 x bf16
 products are exact in fp32, so the result is the same up to summation order).
 
-Loss ids: 0 contrastive, 1 multi-similarity, 2 SNCA, 3 SupCon, 4 batch-hard triplet.
-Parameters P0..P3 per loss: contrastive (pos margin on u, neg margin on u, sign, -), MS (α, β,
-base, ε), SNCA/SupCon (temperature, -, -, -), batch-hard (margin, -, sign, -); `sign` maps V to the
-dissimilarity u = sign·V (+1 distances, -1 similarities).
+Loss ids, reduction ids and the parameters P0..P3 of each loss are those of `fused` (shared with
+the row programs). Pair values follow the duplicate rule of `geometry` with coefficient TOL.
 Row statistics S0..S3 saved for backward: MS (lse_pos, lse_neg, hardest neg, easiest pos),
 SNCA/SupCon (lse_all, lse_pos, #positives, -), batch-hard (active, -, -, -) plus its two columns.
 """
 import triton
 import triton.language as tl
+
+from unidml.kernels.pairwise.fused import LossId, ReductionId
+
+CONTRASTIVE = tl.constexpr(int(LossId.CONTRASTIVE))
+MULTI_SIMILARITY = tl.constexpr(int(LossId.MULTI_SIMILARITY))
+SNCA = tl.constexpr(int(LossId.SNCA))
+SUPCON = tl.constexpr(int(LossId.SUPCON))
+MEAN_NONZERO = tl.constexpr(int(ReductionId.MEAN_NONZERO))
+PER_ANCHOR = tl.constexpr(int(ReductionId.PER_ANCHOR))
+
+
+@triton.jit
+def _load_block(E, idx, feats, count, d, stride):
+    """Rows `idx` x columns `feats` of an embedding matrix E (count x d, row stride `stride`), 0 outside."""
+    return tl.load(E + idx[:, None] * stride + feats[None, :], mask=(idx[:, None] < count) & (feats[None, :] < d),
+                   other=0.0)
 
 
 @triton.jit
@@ -29,8 +43,8 @@ def _dot_tile(X, R, rows, cols, n, m, d, sx, sr, BLOCK_M: tl.constexpr, BLOCK_N:
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, d, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(X + rows[:, None] * sx + ks[None, :], mask=(rows[:, None] < n) & (ks[None, :] < d), other=0.0)
-        b = tl.load(R + cols[:, None] * sr + ks[None, :], mask=(cols[:, None] < m) & (ks[None, :] < d), other=0.0)
+        a = _load_block(X, rows, ks, n, d, sx)
+        b = _load_block(R, cols, ks, m, d, sr)
         if DOT_F32:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc += tl.dot(a, tl.trans(b), input_precision="ieee")
@@ -38,10 +52,10 @@ def _dot_tile(X, R, rows, cols, n, m, d, sx, sr, BLOCK_M: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, EUCLID: tl.constexpr,
+def _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL, EUCLID: tl.constexpr,
           HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
           DOT_F32: tl.constexpr):
-    """Pair values V (cosine or distance) and positive / negative masks of one tile."""
+    """Pair values V (cosine or distance, duplicates snapped) and positive / negative masks of one tile."""
     dots = _dot_tile(X, R, rows, cols, n, m, d, sx, sr, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
     yi = tl.load(Y + rows, mask=rows < n, other=0)
     yj = tl.load(RY + cols, mask=cols < m, other=0)
@@ -54,10 +68,11 @@ def _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, EUCLI
     if EUCLID:
         xs = tl.load(XSQ + rows, mask=rows < n, other=0.0)
         rs = tl.load(RSQ + cols, mask=cols < m, other=0.0)
-        d2 = xs[:, None] + rs[None, :] - 2.0 * dots
-        v = tl.where(d2 > 0, tl.sqrt(tl.maximum(d2, 0.0)), 0.0)
+        norms = xs[:, None] + rs[None, :]
+        d2 = norms - 2.0 * dots
+        v = tl.where(d2 > TOL * norms, tl.sqrt(tl.maximum(d2, 0.0)), 0.0)
     else:
-        v = dots
+        v = tl.where(dots >= 1.0 - TOL, 1.0, dots)
     return v, pos, neg
 
 
@@ -73,7 +88,7 @@ def _lse_update(run_max, run_sum, a, keep):
 def _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3,
                LOSS: tl.constexpr, POWER: tl.constexpr):
     """dL/dV of one tile from the row statistics and the upstream gradients (gt, gc) of the row sums."""
-    if LOSS == 0:
+    if LOSS == CONTRASTIVE:
         u = v * P2
         over = tl.where(pos & (u - P0 > 0), 1.0, 0.0)
         under = tl.where(neg & (P1 - u > 0), 1.0, 0.0)
@@ -81,21 +96,21 @@ def _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3
             over = over * 2.0 * (u - P0)
             under = under * 2.0 * (P1 - u)
         g = (gt[:, None] * over - gc[:, None] * under) * P2
-    elif LOSS == 1:
+    elif LOSS == MULTI_SIMILARITY:
         keep_p = pos & (v - P3 < s2[:, None])
         keep_n = neg & (v + P3 > s3[:, None])
         wp = tl.exp(tl.where(keep_p, -P0 * (v - P2) - s0[:, None], -1.0e30))
         wn = tl.exp(tl.where(keep_n, P1 * (v - P2) - s1[:, None], -1.0e30))
         g = gc[:, None] * wn - gt[:, None] * wp
-    elif LOSS == 2 or LOSS == 3:
+    elif LOSS == SNCA or LOSS == SUPCON:
         a = v / P0
         g = gc[:, None] * tl.exp(tl.where(pos | neg, a - s0[:, None], -1.0e30)) / P0
-        if LOSS == 2:
+        if LOSS == SNCA:
             g -= gt[:, None] * tl.exp(tl.where(pos, a - s1[:, None], -1.0e30)) / P0
         else:
             g -= tl.where(pos, gt[:, None] / (tl.maximum(s2, 1.0)[:, None] * P0), 0.0)
         g = tl.where((s2 > 0)[:, None], g, 0.0)
-    else:
+    else:  # batch-hard triplet
         hit_p = tl.where(cols[None, :] == j0[:, None], gt[:, None], 0.0)
         hit_n = tl.where(cols[None, :] == j1[:, None], gc[:, None], 0.0)
         g = tl.where((s0 > 0)[:, None], (hit_p - hit_n) * P2, 0.0)
@@ -103,7 +118,7 @@ def _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3
 
 
 @triton.jit
-def rows_fwd(X, R, XSQ, RSQ, Y, RY, SUMS, COUNTS, STATS, IDX, n, m, d, sx, sr, self_offset,
+def rows_fwd(X, R, XSQ, RSQ, Y, RY, SUMS, COUNTS, STATS, IDX, n, m, d, sx, sr, self_offset, TOL,
              P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, REDUCTION: tl.constexpr,
              EUCLID: tl.constexpr, HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
@@ -114,19 +129,19 @@ def rows_fwd(X, R, XSQ, RSQ, Y, RY, SUMS, COUNTS, STATS, IDX, n, m, d, sx, sr, s
     best_a, best_b = zero - 1.0e30, zero + 1.0e30
     idx_a = tl.zeros([BLOCK_M], dtype=tl.int32)
     idx_b = tl.zeros([BLOCK_M], dtype=tl.int32)
-    if LOSS == 1:  # pass 1: hardest negative and easiest positive similarity per anchor
+    if LOSS == MULTI_SIMILARITY:  # pass 1: hardest negative and easiest positive similarity per anchor
         for c0 in range(0, m, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
-            v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset,
+            v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
                                 EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
             best_a = tl.maximum(best_a, tl.max(tl.where(neg, v, -1.0e30), 1))
             best_b = tl.minimum(best_b, tl.min(tl.where(pos, v, 1.0e30), 1))
         max_a, sum_a, max_b, sum_b = zero, zero + 1.0, zero, zero + 1.0  # the "1 +" term
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset,
+        v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
                             EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
-        if LOSS == 0:
+        if LOSS == CONTRASTIVE:
             u = v * P2
             over = tl.where(pos, tl.maximum(u - P0, 0.0), 0.0)
             under = tl.where(neg, tl.maximum(P1 - u, 0.0), 0.0)
@@ -135,26 +150,26 @@ def rows_fwd(X, R, XSQ, RSQ, Y, RY, SUMS, COUNTS, STATS, IDX, n, m, d, sx, sr, s
                 under = under * under
             acc_t += tl.sum(over, 1)
             acc_c += tl.sum(under, 1)
-            if REDUCTION == 0:
+            if REDUCTION == MEAN_NONZERO:
                 cnt_t += tl.sum(tl.where(over > 0, 1.0, 0.0), 1)
                 cnt_c += tl.sum(tl.where(under > 0, 1.0, 0.0), 1)
             else:
                 cnt_t += tl.sum(tl.where(pos, 1.0, 0.0), 1)
                 cnt_c += tl.sum(tl.where(neg, 1.0, 0.0), 1)
-        elif LOSS == 1:
+        elif LOSS == MULTI_SIMILARITY:
             keep_p = pos & (v - P3 < best_a[:, None])
             keep_n = neg & (v + P3 > best_b[:, None])
             max_a, sum_a = _lse_update(max_a, sum_a, -P0 * (v - P2), keep_p)
             max_b, sum_b = _lse_update(max_b, sum_b, P1 * (v - P2), keep_n)
-        elif LOSS == 2 or LOSS == 3:
+        elif LOSS == SNCA or LOSS == SUPCON:
             a = v / P0
             max_a, sum_a = _lse_update(max_a, sum_a, a, pos | neg)
-            if LOSS == 2:
+            if LOSS == SNCA:
                 max_b, sum_b = _lse_update(max_b, sum_b, a, pos)
             else:
                 acc_t += tl.sum(tl.where(pos, a, 0.0), 1)
             cnt_t += tl.sum(tl.where(pos, 1.0, 0.0), 1)
-        else:
+        else:  # batch-hard triplet: hardest positive / negative and their columns
             u = v * P2
             up = tl.where(pos, u, -1.0e30)
             tile_max = tl.max(up, 1)
@@ -169,27 +184,27 @@ def rows_fwd(X, R, XSQ, RSQ, Y, RY, SUMS, COUNTS, STATS, IDX, n, m, d, sx, sr, s
             cnt_t += tl.sum(tl.where(pos, 1.0, 0.0), 1)
             cnt_c += tl.sum(tl.where(neg, 1.0, 0.0), 1)
     s0, s1, s2, s3 = zero, zero, zero, zero
-    if LOSS == 0:
-        if REDUCTION == 2:
+    if LOSS == CONTRASTIVE:
+        if REDUCTION == PER_ANCHOR:
             cnt_t, cnt_c = zero + 1.0, zero + 1.0
-    elif LOSS == 1:
+    elif LOSS == MULTI_SIMILARITY:
         s0 = max_a + tl.log(sum_a)
         s1 = max_b + tl.log(sum_b)
         s2, s3 = best_a, best_b
         acc_t, acc_c, cnt_t, cnt_c = s0 / P0, s1 / P1, zero + 1.0, zero + 1.0
-    elif LOSS == 2 or LOSS == 3:
+    elif LOSS == SNCA or LOSS == SUPCON:
         valid = cnt_t > 0
         s0 = tl.where(sum_a > 0, max_a + tl.log(tl.maximum(sum_a, 1e-30)), 0.0)
         s1 = tl.where(valid, max_b + tl.log(tl.maximum(sum_b, 1e-30)), 0.0)
         s2 = cnt_t
-        if LOSS == 2:
+        if LOSS == SNCA:
             acc_t = tl.where(valid, -s1, 0.0)
         else:
             acc_t = tl.where(valid, -acc_t / tl.maximum(cnt_t, 1.0), 0.0)
         acc_c = tl.where(valid, s0, 0.0)
         cnt_t = tl.where(valid, 1.0, 0.0)
         cnt_c = cnt_t
-    else:
+    else:  # batch-hard triplet
         valid = (cnt_t > 0) & (cnt_c > 0)
         hard_p = tl.where(valid, best_a, 0.0)
         hard_n = tl.where(valid, best_b, 0.0)
@@ -226,7 +241,44 @@ def _row_state(GS, STATS, IDX, rows, n):
 
 
 @triton.jit
-def rows_bwd_dx(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DX, n, m, d, sx, sr, self_offset,
+def _grad_block(X, R, XSQ, RSQ, Y, RY, rows, cols, feats, gt, gc, s0, s1, s2, s3, j0, j1, n, m, d, sx, sr,
+                self_offset, TOL, P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
+                HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                DOT_F32: tl.constexpr, FOR_REFS: tl.constexpr):
+    """One recomputed tile's share of dX (`FOR_REFS` false: W·R) or of dR (`FOR_REFS`: Wᵀ·X) over the
+    feature block `feats`, and H for the norm term.
+
+    With G = dL/dV: cosine W = G; distances dD_ij/dx_i = (x_i - r_j)/D_ij, so H = G/D (0 where D = 0),
+    W = -H, and the caller adds x_i Σ_j H_ij (dX) or r_j Σ_i H_ij (dR).
+    """
+    v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
+                        EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+    w = _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3, LOSS, POWER)
+    h = w
+    if EUCLID:
+        h = tl.where(v > 0, w / tl.where(v > 0, v, 1.0), 0.0)
+        w = -h
+    if FOR_REFS:
+        other = _load_block(X, rows, feats, n, d, sx)
+        w = tl.trans(w)
+    else:
+        other = _load_block(R, cols, feats, m, d, sr)
+    w = w.to(other.dtype)
+    if DOT_F32:
+        w, other = w.to(tl.float32), other.to(tl.float32)
+    return tl.dot(w, other, input_precision="ieee"), h
+
+
+@triton.jit
+def _store_grad(OUT, E, idx, feats, count, d, stride, acc, h_sum, EUCLID: tl.constexpr):
+    """Write acc (+ e_i Σ H_i for distances) to rows `idx` of OUT (count x d, contiguous)."""
+    if EUCLID:
+        acc += _load_block(E, idx, feats, count, d, stride).to(tl.float32) * h_sum[:, None]
+    tl.store(OUT + idx[:, None] * d + feats[None, :], acc, mask=(idx[:, None] < count) & (feats[None, :] < d))
+
+
+@triton.jit
+def rows_bwd_dx(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DX, n, m, d, sx, sr, self_offset, TOL,
                 P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
                 HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
@@ -237,28 +289,17 @@ def rows_bwd_dx(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DX, n, m, d, sx, sr, self
     h_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset,
-                            EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
-        g = _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3, LOSS, POWER)
-        if EUCLID:  # dD/dx_i = (x_i - r_j) / D
-            h = tl.where(v > 0, g / tl.where(v > 0, v, 1.0), 0.0)
+        part, h = _grad_block(X, R, XSQ, RSQ, Y, RY, rows, cols, feats, gt, gc, s0, s1, s2, s3, j0, j1, n, m, d,
+                              sx, sr, self_offset, TOL, P0, P1, P2, P3, LOSS, POWER, EUCLID, HAS_SELF,
+                              BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, False)
+        acc += part
+        if EUCLID:
             h_sum += tl.sum(h, 1)
-            g = -h
-        r_tile = tl.load(R + cols[:, None] * sr + feats[None, :], mask=(cols[:, None] < m) & (feats[None, :] < d),
-                         other=0.0)
-        g = g.to(r_tile.dtype)
-        if DOT_F32:
-            g, r_tile = g.to(tl.float32), r_tile.to(tl.float32)
-        acc += tl.dot(g, r_tile, input_precision="ieee")
-    mask = (rows[:, None] < n) & (feats[None, :] < d)
-    if EUCLID:
-        x_tile = tl.load(X + rows[:, None] * sx + feats[None, :], mask=mask, other=0.0)
-        acc += x_tile.to(tl.float32) * h_sum[:, None]
-    tl.store(DX + rows[:, None] * d + feats[None, :], acc, mask=mask)
+    _store_grad(DX, X, rows, feats, n, d, sx, acc, h_sum, EUCLID)
 
 
 @triton.jit
-def rows_bwd_dr(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DR, n, m, d, sx, sr, self_offset,
+def rows_bwd_dr(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DR, n, m, d, sx, sr, self_offset, TOL,
                 P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
                 HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
@@ -269,21 +310,10 @@ def rows_bwd_dr(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DR, n, m, d, sx, sr, self
     for r0 in range(0, n, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         gt, gc, s0, s1, s2, s3, j0, j1 = _row_state(GS, STATS, IDX, rows, n)
-        v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset,
-                            EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
-        g = _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3, LOSS, POWER)
-        if EUCLID:  # dD/dr_j = (r_j - x_i) / D
-            h = tl.where(v > 0, g / tl.where(v > 0, v, 1.0), 0.0)
+        part, h = _grad_block(X, R, XSQ, RSQ, Y, RY, rows, cols, feats, gt, gc, s0, s1, s2, s3, j0, j1, n, m, d,
+                              sx, sr, self_offset, TOL, P0, P1, P2, P3, LOSS, POWER, EUCLID, HAS_SELF,
+                              BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, True)
+        acc += part
+        if EUCLID:
             h_sum += tl.sum(h, 0)
-            g = -h
-        x_tile = tl.load(X + rows[:, None] * sx + feats[None, :], mask=(rows[:, None] < n) & (feats[None, :] < d),
-                         other=0.0)
-        g = g.to(x_tile.dtype)
-        if DOT_F32:
-            g, x_tile = g.to(tl.float32), x_tile.to(tl.float32)
-        acc += tl.dot(tl.trans(g), x_tile, input_precision="ieee")
-    mask = (cols[:, None] < m) & (feats[None, :] < d)
-    if EUCLID:
-        r_tile = tl.load(R + cols[:, None] * sr + feats[None, :], mask=mask, other=0.0)
-        acc += r_tile.to(tl.float32) * h_sum[:, None]
-    tl.store(DR + cols[:, None] * d + feats[None, :], acc, mask=mask)
+    _store_grad(DR, R, cols, feats, m, d, sr, acc, h_sum, EUCLID)

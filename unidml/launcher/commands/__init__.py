@@ -1,1 +1,1 @@
-"""launcher/commands"""
+"""One module per `unidml` command: `add_arguments(parser)` and `run(args) -> int`."""

@@ -1,8 +1,13 @@
-"""`unidml compare --config C --losses ce,contrastive,... [--seeds 3] [--out DIR] [--set key=value ...]`.
+"""`unidml compare --config C --losses ce,contrastive,... [--trials N] [--seeds S] [--out DIR] [--set key=value ...]`.
 
-Trains every loss with the same backbone, data, budget and seeds (one normal run directory each,
-`OUT/<loss>/seed<k>/`; finished runs are kept, interrupted ones resume), then writes
-`OUT/summary.md`, `OUT/summary.csv` and PNG plots. Runs one process, or every rank under torchrun.
+Compares losses on one backbone, data and budget. With `--trials N`, each loss is first tuned: N
+trials drawn by Optuna's TPE from the loss's search space (`search:` in its recipe variant), each a
+run scored on the class-disjoint validation split, median-pruned per epoch; the best setting is then
+retrained with seeds 0..S-1 and reported on test. Without `--trials`, every loss trains at its
+recipe variant's settings. Runs are ordinary run directories under OUT; the study database
+(`--storage`, SQLite under OUT by default) lets an interrupted study resume and several workers
+(processes, nodes, torchrun jobs) share it: start the same command once per worker. Writes
+`OUT/summary.md`, CSV tables and PNG plots.
 """
 from __future__ import annotations
 
@@ -11,12 +16,29 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from unidml.launcher.study import DEFAULT_LOSSES
+    from unidml.study.compare import DEFAULT_LOSSES, OBJECTIVES
 
     parser.add_argument("--config", required=True, help="base YAML run config (e.g. configs/cub.yaml)")
     parser.add_argument("--losses", default=DEFAULT_LOSSES,
                         help=f"comma-separated losses; ce = cross_entropy (default: {DEFAULT_LOSSES})")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per loss: train.seed = 0..N-1 (default 3)")
+    parser.add_argument("--trials", type=int, default=0,
+                        help="tuning trials per loss on the validation split (default 0: no tuning)")
+    parser.add_argument("--trial-epochs", type=int, default=None, metavar="E",
+                        help="epochs of each tuning trial (default: the config's train.epochs); "
+                             "retraining uses train.epochs")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="recall@1",
+                        help="validation metric the tuning maximises and retrainings select their epoch by "
+                             "(default recall@1)")
+    parser.add_argument("--no-prune", dest="prune", action="store_false", help="never stop a trial early")
+    parser.add_argument("--sampler-seed", type=int, default=0, help="seed of the TPE sampler (default 0)")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="SQLAlchemy URL of the study database (default: sqlite:///OUT/study.db)")
+    parser.add_argument("--study-name", default="compare", help="name of the study in the database (default compare)")
+    parser.add_argument("--stale-after", type=float, default=600.0, metavar="SECONDS",
+                        help="a task whose worker sent no heartbeat for this long is taken over (default 600)")
+    parser.add_argument("--poll-seconds", type=float, default=10.0, metavar="SECONDS",
+                        help="how often a worker with nothing to do checks for new work (default 10)")
     parser.add_argument("--out", default=None, help="study directory (default: runs/compare_<config name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every run (repeatable), e.g. --set train.epochs=4")
@@ -24,60 +46,105 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class-disjoint validation split carved from the training classes "
                              "(default: the config's data.val_classes, or 0.2 when it has none)")
     parser.add_argument("--select", choices=("val", "test"), default="val",
-                        help="split whose Recall@1 selects each run's best epoch (default: val; test when --val-classes 0)")
+                        help="split that selects each retraining's reported epoch "
+                             "(default: val; test when --val-classes 0)")
     parser.add_argument("--variants", default=None, metavar="DIR",
                         help="directory of per-loss recipe variants <loss>.yaml (default: the repo's configs/pairwise)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the tables and plots from OUT")
 
 
-def _study_overrides(args: argparse.Namespace) -> list[str]:
+def _study_overrides(args: argparse.Namespace) -> tuple[list[str], str]:
     """Validation split and selection protocol first, so that the user's --set can still override them."""
     from unidml.config import load_config
+    from unidml.errors import UserError
 
     val = args.val_classes
     if val is None:
         val = float(load_config(args.config).data.val_classes) or 0.2
-    protocol = [f"data.val_classes={val}"]
-    protocol.append(f"eval.split={args.select}" if val > 0 else "eval.split=test")
-    return protocol + list(args.overrides)
+    select = args.select if val > 0 else "test"
+    if args.trials and select != "val":
+        raise UserError("--trials: tuning needs the validation split (--val-classes > 0 and --select val)")
+    return [f"data.val_classes={val}", f"eval.split={select}", *args.overrides], select
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    from unidml.errors import UserError
+
+    for name in ("seeds", "trials", "trial_epochs"):
+        value = getattr(args, name)
+        if value is not None and value < (1 if name != "trials" else 0):
+            raise UserError(f"--{name.replace('_', '-')}: must be >= {1 if name != 'trials' else 0}, got {value}")
+
+
+def protocol_text(settings, select: str, epochs: int) -> str:
+    """The study's protocol in words, for the report."""
+    s = settings
+    seeds = f"seeds 0..{s.seeds - 1}" if s.seeds > 1 else "seed 0"
+    report = f"each retraining reports test metrics at its trained epoch (>= 1) with the best {select} {s.objective}"
+    if not s.trials:
+        return (f"No tuning: every loss trains at its recipe variant's settings for {epochs} epochs with {seeds}; "
+                f"{report}.")
+    prune = (f"a trial is stopped at epoch e >= {s.prune_after_epochs} when its val score is below the median of the "
+             f"completed trials at e (after {s.prune_startup_trials} completed trials)") if s.prune else "no pruning"
+    return (f"Every loss gets the same tuning budget: {s.trials} trials of {s.trial_epochs or epochs} epochs "
+            f"(train.seed {s.trial_seed}), each trained on the training classes and scored on the class-disjoint "
+            f"validation split only (the test split is not evaluated while tuning); a trial's score is its best "
+            f"trained epoch's val {s.objective}. Values are drawn by Optuna's TPE (sampler seed {s.seed}, "
+            f"{s.tpe_startup} random trials first) from the loss's search space; {prune}. A trial whose training "
+            f"broke down (non-finite or diverging loss) is failed, counts against the budget and is never reported. "
+            f"The completed trial with the best score is retrained for {epochs} epochs with {seeds}; {report}. "
+            f"(Protocol of Musgrave et al., A Metric Learning Reality Check, ECCV 2020.)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from unidml.extras import require
+
+    require("optuna", "unidml compare")  # the study database and the tuner
     from unidml.config import load_config
     from unidml.engine.distributed import init_distributed, shutdown
     from unidml.launcher.logs import setup_logging
-    from unidml.launcher.report import write_report
-    from unidml.launcher.study import describe, parse_losses, plan_study, run_state, run_study
+    from unidml.study.compare import describe, parse_losses, plan_losses
+    from unidml.study.report import write_report
+    from unidml.study.results import collect
+    from unidml.study.tuning import LossStudies, StudySettings, StudyWorker, default_storage
 
+    _check_counts(args)
     losses = parse_losses(args.losses)
     out = Path(args.out or Path("runs") / f"compare_{Path(args.config).stem}")
-    overrides = _study_overrides(args)
-    env = init_distributed(load_config(args.config, overrides).engine.device)
+    overrides, select = _study_overrides(args)
+    base = load_config(args.config, overrides)
+    env = init_distributed(base.engine.device)
     setup_logging(env.rank)
+    settings = StudySettings(out=out, trials=args.trials, seeds=args.seeds, trial_epochs=args.trial_epochs,
+                             objective=args.objective, seed=args.sampler_seed, prune=args.prune, name=args.study_name,
+                             poll_seconds=args.poll_seconds)
     try:
-        plan = plan_study(args.config, losses, args.seeds, out, overrides, args.variants, cross_rank=env.distributed)
-        outcome = {} if args.report_only else run_study(plan, env)
+        plans = plan_losses(args.config, losses, overrides, args.variants, cross_rank=env.distributed)
+        studies = None
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            studies = LossStudies(settings, plans, args.storage or default_storage(out), args.stale_after,
+                                  create=not args.report_only)
+        if not args.report_only:
+            StudyWorker(settings, plans, env, studies).run()
     finally:
         shutdown(env)
     if not env.is_main:
         return 0
-    first_runs = {run.loss: run for run in reversed(plan)}
-    header = {"config": args.config, **describe(plan[0].cfg),
-              "seeds": ", ".join(str(s) for s in range(args.seeds)),
-              "overrides": " ".join(overrides),
-              "losses": {loss: _loss_summary(first_runs[loss]) for loss in losses}}
-    finished = [r for r in plan if run_state(r) == "done"]
-    failures = [f"{r.loss} seed {r.seed}: {outcome.get((r.loss, r.seed), 'not finished')}" for r in plan if r not in finished]
-    run_dirs = {loss: [r.run_dir for r in finished if r.loss == loss] for loss in losses}
-    paths = write_report(out, run_dirs, header, failures)
-    print(f"report: {paths['markdown']} | {paths['csv']}" + (f" | {len(failures)} run(s) without results" if failures else ""))
-    return 1 if failures else 0
+    recipes = {p.loss: _loss_summary(p.config(0)) for p in plans}
+    results = collect(settings, plans, studies, select, recipes)
+    header = {"config": args.config, **describe(plans[0].config(0)),
+              "seeds": ", ".join(str(s) for s in range(args.seeds)), "overrides": " ".join(overrides)}
+    paths = write_report(out, results, header, protocol_text(settings, select, base.train.epochs), args.objective)
+    empty = [r.loss for r in results if not r.finished_seeds]
+    print(f"report: {paths['markdown']} | {paths['csv']}" + (f" | no result for {', '.join(empty)}" if empty else ""))
+    return 1 if empty else 0
 
 
-def _loss_summary(run) -> str:
+def _loss_summary(cfg) -> str:
     """`param=value, ...` of a run's loss section and its sampler, for the report header."""
     from omegaconf import OmegaConf
 
-    params = {k: v for k, v in OmegaConf.to_container(run.cfg.loss, resolve=True).items() if k != "name"}
-    sampler = run.cfg.data.sampler + (f" m={run.cfg.data.m_per_class}" if run.cfg.data.sampler == "m_per_class" else "")
+    params = {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k != "name"}
+    sampler = cfg.data.sampler + (f" m={cfg.data.m_per_class}" if cfg.data.sampler == "m_per_class" else "")
     return ", ".join(f"{k}={v}" for k, v in params.items()) + f" ({sampler} sampler)"

@@ -2,6 +2,7 @@
 
     unidml eval --checkpoint RUN/checkpoints/best.pt [--config FILE] [--split test] [--out FILE] [key=value ...]
     unidml eval --embeddings EMB.npz [--ks 1 10 100] [--metric cosine] [--out FILE]
+    unidml eval --embeddings EMB.npy [--gallery-embeddings GALLERY.npy] [--ks 1 10 100]   # from `unidml embed`
 
 With a checkpoint, the model and (unless --config gives another) the run's config come from the
 file; overrides apply on top. Runs in one process or under torchrun (every rank evaluates its shard).
@@ -14,18 +15,28 @@ import json
 from pathlib import Path
 from typing import Any
 
+from unidml.config import METRICS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a unidml checkpoint (e.g. RUN/checkpoints/best.pt)")
-    source.add_argument("--embeddings", help=".npz of saved embeddings: query, query_labels[, gallery, gallery_labels]")
+    source.add_argument("--embeddings", help="saved embeddings: an `unidml embed` .npy (with its .tsv), or an .npz "
+                                             "of query, query_labels[, gallery, gallery_labels]")
+    parser.add_argument("--gallery-embeddings", default=None, metavar="NPY",
+                        help="with an `unidml embed` .npy: search this one instead of the queries themselves")
     parser.add_argument("--config", default=None,
                         help="take data/eval/engine settings from this YAML instead of the checkpoint's config")
-    parser.add_argument("--split", default=None, help="evaluation pair to run (default: eval.split)")
-    parser.add_argument("--ks", type=int, nargs="+", default=None, help="Recall@K values (default: eval.ks, or 1 10 100 for --embeddings)")
-    parser.add_argument("--metric", choices=("cosine", "euclidean"), default=None, help="similarity (default: eval.metric, or cosine for --embeddings)")
-    parser.add_argument("--out", default=None, help="metrics JSON (default: eval_metrics.json next to the input)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. eval.ks=[1,10]")
+    parser.add_argument("--split", default="test",
+                        help="evaluation pair to run: test (default) or val (the split that selected the best epoch)")
+    parser.add_argument("--ks", type=int, nargs="+", default=None,
+                        help="Recall@K values (default: eval.ks, or 1 10 100 for --embeddings)")
+    parser.add_argument("--metric", choices=METRICS, default=None,
+                        help="similarity (default: eval.metric, or cosine for --embeddings)")
+    parser.add_argument("--out", default=None,
+                        help="metrics JSON (default: eval_<input name>.json next to the input, e.g. eval_best.json)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, e.g. eval.ks=[1,10]")
 
 
 def _checkpoint_config(args: argparse.Namespace):
@@ -44,39 +55,36 @@ def _checkpoint_config(args: argparse.Namespace):
 
 def evaluate_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     """(JSON record, whether this process is the main rank)."""
-    from unidml.data_pipeline import build_dataset, build_eval_loader
+    from unidml.data_pipeline import build_dataset
     from unidml.engine.distributed import init_distributed, shutdown
-    from unidml.errors import UserError
-    from unidml.evaluation import evaluate_model
+    from unidml.engine.evaluator import Evaluator
 
     model, cfg = _checkpoint_config(args)
     env = init_distributed(str(cfg.engine.device))
     try:
         dataset = build_dataset(cfg.data, seed=int(cfg.train.seed))
-        split = args.split or str(cfg.eval.split)
-        if split not in dataset.eval_pairs:
-            raise UserError(f"--split '{split}': not evaluated for dataset '{dataset.name}' "
-                            f"(available: {', '.join(dataset.eval_pairs)}; 'val' needs data.val_classes > 0)")
-        query_split, gallery_split = dataset.eval_pairs[split]
-
-        def loader(name: str):
-            return build_eval_loader(cfg.data, dataset.splits[name], batch_size=int(cfg.eval.batch_size),
-                                     rank=env.rank, world_size=env.world_size, device=env.device)
-
-        try:
-            metrics = evaluate_model(model.to(env.device), loader(query_split),
-                                     loader(gallery_split) if gallery_split else None, ks=list(cfg.eval.ks),
-                                     metrics=list(cfg.eval.metrics), metric=str(cfg.eval.metric),
-                                     memory_budget_mb=float(cfg.eval.memory_budget_mb), device=env.device,
-                                     precision=str(cfg.engine.precision))
-        except ValueError as exc:  # an eval.* setting the evaluation cannot use
-            raise UserError(f"{args.checkpoint}: {exc}") from None
+        split = args.split
+        evaluator = Evaluator(cfg, dataset, env, split=split, option="--split")
+        metrics = evaluator.evaluate(model.to(env.device))[split]
+        unreadable = evaluator.unreadable()
     finally:
         shutdown(env)
+    query_split, gallery_split = evaluator.pairs[split]
     record = {"checkpoint": str(args.checkpoint), "dataset": dataset.name, "split": split,
               "query": query_split, "gallery": gallery_split or query_split, "metric": str(cfg.eval.metric),
-              "world_size": env.world_size, "metrics": metrics}
+              "world_size": env.world_size, "metrics": metrics, "unreadable": unreadable}
     return record, env.is_main
+
+
+def embed_file_arrays(path: Path, gallery: str | None) -> dict[str, Any]:
+    """Query (and gallery) arrays of files written by `unidml embed`."""
+    from unidml.launcher.commands.embed import read_embeddings
+
+    vectors, labels, _, _ = read_embeddings(path)
+    arrays = {"query": vectors, "query_labels": labels}
+    if gallery:
+        arrays["gallery"], arrays["gallery_labels"], _, _ = read_embeddings(gallery)
+    return arrays
 
 
 def evaluate_embeddings(args: argparse.Namespace) -> dict[str, Any]:
@@ -87,12 +95,17 @@ def evaluate_embeddings(args: argparse.Namespace) -> dict[str, Any]:
     from unidml.evaluation import retrieval_metrics
 
     path = Path(args.embeddings)
-    if not path.is_file():
+    if args.gallery_embeddings and path.suffix != ".npy":
+        raise UserError("--gallery-embeddings: only with an `unidml embed` .npy as --embeddings")
+    if path.suffix == ".npy":
+        arrays = embed_file_arrays(path, args.gallery_embeddings)
+    elif not path.is_file():
         raise UserError(f"{path}: embeddings file not found")
-    try:
-        arrays = dict(np.load(path))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable .npz file ({exc})") from None
+    else:
+        try:
+            arrays = dict(np.load(path))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{path}: not a readable .npz file ({exc})") from None
     missing = [key for key in ("query", "query_labels") if key not in arrays]
     if missing or (("gallery" in arrays) != ("gallery_labels" in arrays)):
         raise UserError(f"{path}: needs arrays query, query_labels and optionally gallery with gallery_labels "
@@ -109,22 +122,35 @@ def evaluate_embeddings(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """One line: the metric values (percent) and the query counts."""
-    values = [f"{k}={v:.2f}" for k, v in metrics.items() if k not in ("num_queries", "excluded_queries")]
-    return (", ".join(values) + f" ({metrics['num_queries']} queries, "
-            f"{metrics['excluded_queries']} excluded: no relevant reference)")
+    from unidml.engine.run_record import COUNT_KEYS, query_counts
+
+    values = [f"{k}={v:.2f}" for k, v in metrics.items() if k not in COUNT_KEYS]
+    return ", ".join(values) + " " + query_counts(metrics)
+
+
+def output_path(args: argparse.Namespace) -> Path:
+    """--out, or `eval_<input stem>.json` beside the input (evaluating best.pt then last.pt keeps both);
+    checked before any work, so a bad --out fails in one line at once."""
+    from unidml.errors import UserError
+
+    source = Path(args.checkpoint or args.embeddings)
+    out = Path(args.out) if args.out else source.parent / f"eval_{source.stem}.json"
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; name a .json file")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
+    from unidml.engine.run_record import write_text_atomic
+
+    out = output_path(args)
     if args.checkpoint:
         record, is_main = evaluate_checkpoint(args)
-        default_out = Path(args.checkpoint).parent / "eval_metrics.json"
     else:
         record, is_main = evaluate_embeddings(args), True
-        default_out = Path(args.embeddings).parent / "eval_metrics.json"
     if is_main:
-        out = Path(args.out) if args.out else default_out
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        write_text_atomic(json.dumps(record, indent=2) + "\n", out)
         print(format_metrics(record["metrics"]))
         print(f"metrics written to {out}")
     return 0

@@ -23,9 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rdzv-id", default="unidml", help="job id shared by all nodes (torchrun)")
     parser.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of the whole group on a failure")
     parser.add_argument("--hostfile", default=None, help="deepspeed hostfile (one 'host slots=N' line per node)")
-    parser.add_argument("--deepspeed-config", default="configs/deepspeed/zero1.json", help="DeepSpeed JSON (deepspeed launcher)")
+    parser.add_argument("--deepspeed-config", default="configs/deepspeed/zero1.json",
+                        help="DeepSpeed JSON (deepspeed launcher)")
     parser.add_argument("--run", action="store_true", help="run the command instead of printing it")
-    parser.add_argument("unidml_args", nargs=argparse.REMAINDER, help="-- then the unidml command, e.g. -- train --config X")
+    parser.add_argument("unidml_args", nargs=argparse.REMAINDER,
+                        help="-- then the unidml command, e.g. -- train --config X")
 
 
 def build_command(args: argparse.Namespace) -> list[str]:

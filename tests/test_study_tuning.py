@@ -1,0 +1,156 @@
+"""Tuning with Optuna: seeded TPE draws that a resumed study repeats, a killed study that resumes to the same
+tables without retraining finished trials, two workers sharing one SQLite study, failed trials."""
+import csv
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+
+from unidml.study.compare import LossPlan
+from unidml.study.runs import RunResult
+from unidml.study.search_space import Dimension, suggest
+from unidml.study.tuning import FAILURE, LossStudies, StudySettings, _tell
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+DIMS = (Dimension("train.lr", 1e-3, 1e-1, log=True), Dimension("loss.label_smoothing", 0.0, 0.3),
+        Dimension("data.m_per_class", choices=(2, 4, 8)))
+
+
+def score(values) -> float:
+    """A deterministic objective with its optimum inside the space."""
+    lr, smoothing, m = values["train.lr"], values["loss.label_smoothing"], values["data.m_per_class"]
+    return -(math.log10(lr) + 2) ** 2 - (smoothing - 0.1) ** 2 + m / 10
+
+
+def drive(tmp_path, name, stop_at=None, stale_after=600.0):
+    """Run the trial tasks of one loss as a worker would (the objective instead of training); stop
+    mid-trial `stop_at` (drawn, never told: a killed worker). Returns the drawn values by slot."""
+    settings = StudySettings(out=tmp_path, trials=6, seeds=1, startup_trials=2)
+    plan = LossPlan("cross_entropy", "test", {}, DIMS)
+    studies = LossStudies(settings, [plan], f"sqlite:///{tmp_path / name}", stale_after=stale_after)
+    drawn = {}
+    while (task := studies.next_task()) is not None and task.kind == "trial":
+        trial = studies.start_trial(task.loss, task.index)
+        drawn[task.index] = suggest(trial, DIMS)
+        if task.index == stop_at:
+            return drawn, studies
+        studies.studies[task.loss].tell(trial, score(drawn[task.index]))
+        studies.leases.finish(studies.study_name(task.loss), task.name)
+    return drawn, studies
+
+
+def test_a_resumed_study_draws_what_an_uninterrupted_one_draws(tmp_path):
+    straight, studies = drive(tmp_path, "a.db")
+    assert sorted(straight) == list(range(6))
+    assert len({json.dumps(v, sort_keys=True) for v in straight.values()}) == 6
+    first, _ = drive(tmp_path, "b.db", stop_at=3)
+    assert sorted(first) == [0, 1, 2, 3]
+    # a new worker (new sampler objects); the killed one's lease counts as stale at once
+    resumed, again = drive(tmp_path, "b.db", stale_after=0.0)
+    assert sorted(resumed) == [3, 4, 5]
+    assert {**first, **resumed} == straight
+    trials = again.studies["cross_entropy"].get_trials()
+    assert sorted(t.user_attrs["unidml_slot"] for t in trials) == list(range(6))  # one Optuna trial per slot
+    assert [t.number for t in trials] == list(range(6))
+    assert again.best("cross_entropy").params == max(straight.values(), key=score)
+
+
+def test_failed_and_pruned_trials_are_told_as_such(tmp_path):
+    settings = StudySettings(out=tmp_path, trials=3, seeds=1)
+    studies = LossStudies(settings, [LossPlan("cross_entropy", "test", {}, DIMS)], f"sqlite:///{tmp_path / 's.db'}")
+    study = studies.studies["cross_entropy"]
+    healthy = [{"epoch": 0, "splits": {"val": {"recall@1": 90.0}}}, {"epoch": 1, "train_loss": 1.0,
+                                                                      "splits": {"val": {"recall@1": 60.0}}}]
+    results = [RunResult("failed", healthy, "diverged: epoch-mean training loss -1.4e4 at epoch 1"),
+               RunResult("pruned", healthy), RunResult("complete", healthy)]
+    for slot, result in enumerate(results):
+        trial = studies.start_trial("cross_entropy", slot)
+        suggest(trial, DIMS)
+        if result.status == "pruned":
+            trial.report(55.0, 1)
+        _tell(study, trial, result, "recall@1")
+    failed, pruned, complete = (studies.slot_trials("cross_entropy")[k] for k in range(3))
+    assert failed.state == optuna.trial.TrialState.FAIL and "diverged" in failed.user_attrs[FAILURE]
+    assert pruned.state == optuna.trial.TrialState.PRUNED
+    assert complete.value == 60.0  # the trained epoch, not the untrained epoch 0's 90
+    assert studies.best("cross_entropy").number == complete.number
+
+
+# ------------------------------------------------------------------ end to end (subprocesses)
+
+TINY = ["data.synthetic.classes=12", "data.synthetic.per_class=6", "data.synthetic.size=32", "data.image_size=32",
+        "data.resize_size=32", "data.num_workers=0", "data.backend=torchvision", "train.epochs=2",
+        "train.batch_size=16", "train.warmup_iters=1", "eval.ks=[1,2]", "eval.batch_size=64",
+        "engine.precision=fp32", "data.val_classes=0.25"]
+
+
+def variants(tmp_path) -> Path:
+    directory = tmp_path / "variants"
+    directory.mkdir(exist_ok=True)
+    (directory / "cross_entropy.yaml").write_text(
+        "loss: {name: cross_entropy}\nsearch:\n  train.lr: {low: 0.01, high: 0.2, log: true}\n"
+        "  loss.label_smoothing: {low: 0.0, high: 0.2}\n")
+    return directory
+
+
+def compare(tmp_path, out, trials, trial_epochs, env=None, wait=True):
+    args = [sys.executable, "-m", "unidml", "compare", "--config", str(QUICKSTART), "--losses", "ce",
+            "--trials", str(trials), "--trial-epochs", str(trial_epochs), "--seeds", "1", "--out", str(out),
+            "--variants", str(variants(tmp_path)), "--poll-seconds", "0.5",
+            *[a for item in [f"data.root={tmp_path / 'data'}", *TINY] for a in ("--set", item)]]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, cwd=REPO)
+    if not wait:
+        return proc
+    output = proc.communicate()[0]
+    return proc.returncode, output
+
+
+def table(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open()))
+
+
+def test_a_killed_study_resumes_to_the_same_tables_without_retraining(tmp_path):
+    code, log = compare(tmp_path, tmp_path / "straight", trials=2, trial_epochs=2)
+    assert code == 0, log
+    # checkpoints are written after epochs 0, 1, 2 of each run: the 5th write is trial 1's epoch 1
+    code, log = compare(tmp_path, tmp_path / "killed", trials=2, trial_epochs=2,
+                        env={"UNIDML_TEST_CHECKPOINT_FAULT": "5:done:kill"})
+    assert code == -9, log
+    trial0 = tmp_path / "killed" / "cross_entropy" / "trial0" / "metrics.json"
+    before = (trial0.stat().st_mtime_ns, trial0.read_text())
+    code, log = compare(tmp_path, tmp_path / "killed", trials=2, trial_epochs=2)
+    assert code == 0, log
+    assert "[cross_entropy trial0]" not in log and "[cross_entropy trial1] trial" in log
+    assert (trial0.stat().st_mtime_ns, trial0.read_text()) == before
+    resumed = json.loads((tmp_path / "killed" / "cross_entropy" / "trial1" / "metrics.json").read_text())
+    assert [e["epoch"] for e in resumed["epochs"]] == [0, 1, 2]
+    for name in ("summary.csv", "trials.csv", "hyperparameters.csv"):
+        assert table(tmp_path / "killed" / name) == table(tmp_path / "straight" / name), name
+    assert all(t["state"] == "complete" for t in table(tmp_path / "killed" / "trials.csv"))
+    for png in ("tuning_curves", "recall_at_k"):
+        assert (tmp_path / "killed" / f"{png}.png").stat().st_size > 0
+
+
+def test_two_workers_share_one_sqlite_study_without_duplicates(tmp_path):
+    out = tmp_path / "shared"
+    workers = [compare(tmp_path, out, trials=3, trial_epochs=1, wait=False) for _ in range(2)]
+    logs = [w.communicate()[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], logs
+    started = [line.split("]")[0] + "]" for text in logs for line in text.splitlines()
+               if line.startswith("[cross_entropy ") and (" trial " in line or " retraining " in line)]
+    assert sorted(started) == sorted(f"[cross_entropy {t}]" for t in ("trial0", "trial1", "trial2", "seed0"))
+    db = sqlite3.connect(out / "study.db")
+    slots = db.execute("SELECT value_json FROM trial_user_attributes WHERE key = 'unidml_slot'").fetchall()
+    states = db.execute("SELECT state FROM trials").fetchall()
+    assert sorted(json.loads(v) for (v,) in slots) == [0, 1, 2] and states == [("COMPLETE",)] * 3
+    for k in range(3):
+        history = json.loads((out / "cross_entropy" / f"trial{k}" / "metrics.json").read_text())["epochs"]
+        assert [e["epoch"] for e in history] == [0, 1] and set(history[1]["splits"]) == {"val"}
+    assert len(table(out / "trials.csv")) == 3

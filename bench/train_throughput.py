@@ -45,7 +45,7 @@ def engine_trainer(args: argparse.Namespace, workdir: Path) -> Trainer:
 def plain_loop(trainer: Trainer) -> float:
     """Images/s of forward + loss + backward + SGD step over the trainer's own loader and a fresh model."""
     cfg = trainer.cfg
-    model = build_model(cfg.model).to(trainer.device)
+    model = build_model(cfg.model, image_size=cfg.data.image_size).to(trainer.device)
     loss_fn = build_loss_from_config(OmegaConf.to_container(cfg.loss, resolve=True),
                                      num_classes=trainer.dataset.train.num_classes,
                                      embedding_dim=model.embedding_dim).to(trainer.device)

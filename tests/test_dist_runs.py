@@ -84,9 +84,9 @@ def metric_rows(run_dir: Path) -> list[dict]:
 # ~20 layers of sums of up to 9·512 ≈ 4.6e3 products forward and backward, plus the batch reduction of
 # 16 x 32 x 32 ≈ 1.6e4 terms, i.e. ≈ (2·20·4.6e3 + 1.6e4)·2⁻²⁴ ≈ 1e-2 of the gradient, carried by the
 # 4 SGD steps into the update. The CPU's kernels choose the summation order (thread count, vector
-# width), so an absolute bound is not portable (one AVX2 machine measured a 1.7e-5 difference where
-# this one measures 3e-8); a gradient not averaged over ranks, or another batch, changes the update
-# itself (a ratio of order 1).
+# width), so an absolute bound is not portable (one AVX2 machine measured a largest difference of
+# 1.7e-5 where another measures 3e-8, a norm ratio of 3e-6); a gradient not averaged over ranks, or
+# another batch, changes the update itself (a ratio of order 1).
 UPDATE_RTOL = 1e-2
 
 

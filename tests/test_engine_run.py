@@ -88,6 +88,31 @@ def test_embed_chunks_give_the_full_batch_gradient(tmp_path, loss):
     assert means1["train_loss"] == pytest.approx(means4["train_loss"], rel=1e-5)
 
 
+@pytest.mark.timeout(180)
+def test_embed_chunks_with_train_mode_batchnorm_warns_and_is_recorded(tmp_path, caplog):
+    overrides = base_overrides(tmp_path / "data") + ["engine.embed_chunks=2", "model.freeze_bn=false",
+                                                     "model.feature_bn=true"]
+    with caplog.at_level(logging.WARNING, logger="unidml.engine.embed_chunks"):
+        t = trainer(tmp_path / "bn", overrides)
+    warnings = [r.getMessage() for r in caplog.records if "embed_chunks" in r.getMessage()]
+    assert len(warnings) == 1 and "not the full-batch gradient" in warnings[0]
+    assert "feature_bn" in warnings[0] and "backbone.bn1" in warnings[0]
+    (tmp_path / "bn").mkdir()
+    t.record.flush()
+    record = json.loads((tmp_path / "bn" / "metrics.json").read_text())["embed_chunks"]
+    assert record["chunks"] == 2 and record["exact"] is False
+    assert "feature_bn" in record["batch_dependent_layers"] and "backbone.bn1" in record["batch_dependent_layers"]
+    bn = [m for m in t.module.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(record["batch_dependent_layers"]) == len(bn)  # every BatchNorm layer trains here
+
+    caplog.clear()
+    frozen = base_overrides(tmp_path / "data") + ["engine.embed_chunks=2"]  # frozen BN2d, no BN1d
+    with caplog.at_level(logging.WARNING, logger="unidml.engine.embed_chunks"):
+        t = trainer(tmp_path / "frozen", frozen)
+    assert not [r for r in caplog.records if "embed_chunks" in r.getMessage()]
+    assert t.record.embed_chunks == {"chunks": 2, "exact": True, "batch_dependent_layers": []}
+
+
 def nan_embeddings(module, inputs, output):
     """NaN training embeddings (evaluation, in eval mode, sees the real ones: it refuses non-finite input)."""
     return output * float("nan") if module.training else output

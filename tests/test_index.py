@@ -71,8 +71,9 @@ def test_approximate_index_recall_is_measured_and_printed(catalogue, tmp_path, c
 
 def test_bad_factory_and_parameters_are_one_line_errors(catalogue, tmp_path):
     path, _ = catalogue
-    for argv, fragment in ((["--factory", "IVF?,Flat"], "not a FAISS index-factory string"),
-                           (["--factory", "IVF16,Flat", "--search-params", "nprobes=3"], "--search-params 'nprobes=3'")):
+    cases = ((["--factory", "IVF?,Flat"], "not a FAISS index-factory string"),
+             (["--factory", "IVF16,Flat", "--search-params", "nprobes=3"], "--search-params 'nprobes=3'"))
+    for argv, fragment in cases:
         with pytest.raises(UserError, match=fragment) as info:
             command(["--embeddings", str(path), "--out", str(tmp_path / "x.index"), *argv])
         assert "\n" not in str(info.value)

@@ -97,3 +97,20 @@ def test_list_models():
     names = list_models()
     assert "resnet50" in names and "timm/vit_small_patch16_224" in names and "googlenet" not in names
     assert list_models("vit_tiny_patch16_224") == ["timm/vit_tiny_patch16_224"]
+
+
+def test_models_command_lists_backbones_and_weight_locations(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from unidml.launcher.commands import models
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    parser = argparse.ArgumentParser()
+    models.add_arguments(parser)
+    assert models.run(parser.parse_args([])) == 0
+    out = capsys.readouterr().out
+    assert "resnet50\n" in out and "timm models as timm/NAME" in out
+    assert models.run(parser.parse_args(["vit_tiny_patch16_224", "--weights"])) == 0
+    assert f"timm/vit_tiny_patch16_224.augreg_in21k  not on disk (looked in {tmp_path}" in capsys.readouterr().out
+    with pytest.raises(UserError, match="no backbone matches 'nothing_like_this'"):
+        models.run(parser.parse_args(["nothing_like_this"]))

@@ -10,7 +10,8 @@ network whose per-sample output does not depend on the other samples of the batc
 Not exact with cross-sample layers in train mode: BatchNorm1d on the embedding (`model.feature_bn`)
 and unfrozen BatchNorm2d (`model.freeze_bn=false`) normalise with per-chunk statistics, so the
 chunked forward differs from the full-batch forward (the running statistics are updated once per
-chunk, as for K small batches, and not again in the replay).
+chunk, as for K small batches, and not again in the replay). `chunking_record` names those layers
+once at start-up (a warning, and the `embed_chunks` entry of metrics.json).
 
 Step (3) goes through the wrapped module (DDP) as a surrogate scalar <embeddings, cached grad>
 (+ <loss params, their cached grad> on the last chunk), so DDP's bucketed all-reduce still runs,
@@ -18,12 +19,15 @@ once, on the last chunk.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from unidml.engine.backends.base import ChunkableBackend
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +43,27 @@ class CachedGradients:
         for param, grad in self.loss_params:
             total = total + (param * grad).sum()
         return total
+
+
+def batch_dependent_layers(model: nn.Module) -> list[str]:
+    """Names of the layers whose training-mode output depends on the other samples of the batch:
+    BatchNorm (any dimension, SyncBatchNorm included) left in train mode by `model.train()`."""
+    was_training = model.training
+    model.train()  # the mode training runs in (frozen BatchNorm2d stays in eval mode)
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    model.train(was_training)
+    return names
+
+
+def chunking_record(model: nn.Module, chunks: int, warn: bool) -> dict:
+    """metrics.json's `embed_chunks` entry: K, whether K chunks give the full-batch gradient, and the
+    train-mode BatchNorm layers that prevent it; with `warn`, says so in one warning line."""
+    layers = batch_dependent_layers(model) if chunks > 1 else []
+    if layers and warn:
+        log.warning("engine.embed_chunks=%d is not the full-batch gradient: BatchNorm in train mode normalises "
+                    "each chunk with its own statistics (%d layers: %s); exact with model.freeze_bn=true and "
+                    "model.feature_bn=false", chunks, len(layers), ", ".join(layers))
+    return {"chunks": chunks, "exact": not layers, "batch_dependent_layers": layers}
 
 
 def _rng_state(device: torch.device) -> tuple:

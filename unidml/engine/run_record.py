@@ -3,7 +3,8 @@
 `metrics.json` holds one entry per evaluated epoch (`epoch`, `recall@K`..., `map@r`,
 `r_precision`, the query counts `num_queries`, `excluded_queries`, `unreadable_images`, and every
 evaluated split under `splits`), the `best` entry with the protocol that selected it, training
-throughput, and `stopped` (null, or why the run stopped early: `{"reason": "non_finite", ...}`).
+throughput, `embed_chunks` (K, whether the chunked gradient is exact, and the train-mode BatchNorm
+layers that make it inexact) and `stopped` (null, or why the run stopped early: `{"reason": "non_finite", ...}`).
 It is rewritten atomically after every evaluation; a full disk fails with one line and leaves the
 previous file intact.
 """
@@ -62,6 +63,7 @@ class RunRecord:
         self.selection_split = selection_split
         self.history: list[dict] = list(history or [])
         self.throughput: dict[str, float] = {}
+        self.embed_chunks: dict | None = None
         self.stopped: dict | None = None
         self._writer = None
 
@@ -107,7 +109,7 @@ class RunRecord:
         if not self.enabled:
             return
         data = {"epochs": self.history, "best": self.best(), "protocol": self._protocol(),
-                "throughput": self.throughput, "stopped": self.stopped}
+                "throughput": self.throughput, "embed_chunks": self.embed_chunks, "stopped": self.stopped}
         write_text_atomic(json.dumps(data, indent=2) + "\n", self.run_dir / "metrics.json")
         self._plot()
         if self._writer is not None:

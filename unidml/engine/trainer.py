@@ -24,7 +24,7 @@ from unidml.config import check_runtime, to_yaml
 from unidml.data_pipeline import build_dataset, build_train_loader
 from unidml.engine.backends import build_backend
 from unidml.engine.distributed import DistEnv, mean_over_ranks
-from unidml.engine.embed_chunks import chunked_step
+from unidml.engine.embed_chunks import chunked_step, chunking_record
 from unidml.engine.evaluator import Evaluator
 from unidml.engine.faults import KillSwitch
 from unidml.engine.guards import RunGuard
@@ -70,6 +70,7 @@ class Trainer:
         self.backend = build_backend(self.module, cfg, env, self.steps_per_epoch * cfg.train.epochs)
         self.evaluator = Evaluator(cfg, self.dataset, env, train_set=train_set)
         self.record = RunRecord(run_dir, env.is_main, cfg.eval.split)
+        self.record.embed_chunks = chunking_record(self.module.model, cfg.engine.embed_chunks, env.is_main)
         self.guard = RunGuard(cfg.engine.max_skipped_steps, self.record, run_dir / "checkpoints")
         self.epoch = 0
         self.step = 0

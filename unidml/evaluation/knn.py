@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import faiss
@@ -34,8 +35,8 @@ GPU_MAX_K = 2048  # FAISS GPU's largest k for a flat index search
 FETCH_BYTES = 12  # one FAISS proposal: float32 score, int64 id
 ENTRY_BYTES = 16  # one final neighbour: float64 score, int64 id
 FINISH_GROUP = 2048  # rows re-scored together (at the largest width among them)
-SYMMETRIC_BLOCK = 1024  # rows of a block pair of the symmetric score matrix (two 4 MiB float32 tiles)
-CPU_SEARCH_TILE_BYTES = 4096 * 1024 * 4  # FAISS CPU's internal BLAS score tile
+PROPOSE_ROWS = 1024  # queries per FAISS CPU call when THREADS threads search side by side
+CPU_SEARCH_TILE_BYTES = 4096 * 1024 * 4  # FAISS CPU: one 4096 x 1024 score tile, or 1024 x 1024 per thread
 
 
 @dataclass(frozen=True)
@@ -150,10 +151,25 @@ class ShardIndex:
         """Global gallery ids of (valid, >= 0) local positions."""
         return local + self.id_offset if self.id_offset is not None else self.global_ids[local]
 
+    def _faiss_search(self, queries: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's search; on the CPU, blocks of PROPOSE_ROWS queries are searched by THREADS threads
+        side by side, one OpenMP thread each, so no thread waits for another at a parallel-region
+        barrier (which costs much on a busy machine)."""
+        if self.on_gpu or THREADS == 1 or len(queries) < 2 * PROPOSE_ROWS:
+            return self.index.search(queries, m)
+
+        def one(start: int) -> tuple[np.ndarray, np.ndarray]:
+            faiss.omp_set_num_threads(1)  # OpenMP's thread count is per calling thread: this worker only
+            return self.index.search(queries[start:start + PROPOSE_ROWS], m)
+
+        with ThreadPoolExecutor(THREADS) as pool:
+            parts = list(pool.map(one, range(0, len(queries), PROPOSE_ROWS)))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
     def _propose(self, queries: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
         """(float32 higher-is-closer scores, local ids) of m proposals per query, best first."""
         if m <= self.max_k:
-            dist, local = self.index.search(queries, m)
+            dist, local = self._faiss_search(queries, m)
             return (dist if self.metric == "cosine" else -dist), local
         if self._device_vectors is None:
             self._device_vectors = torch.from_numpy(self.vectors).to(self.device)
@@ -166,36 +182,8 @@ class ShardIndex:
         f, local = torch.topk(scores, m, dim=1)
         return f.cpu().numpy(), local.cpu().numpy()
 
-    def _propose_own_rows(self, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """`_propose` for every row of the shard as a query: the score matrix is symmetric, so each
-        block pair is computed once (half the float32 products of a search) and fed, and its
-        transpose, to FAISS's top-m heaps. Same float32 error bound as FAISS's own search."""
-        n, x = self.ntotal, self.vectors
-        f, local = np.empty((n, m), np.float32), np.empty((n, m), np.int64)
-        heaps = faiss.float_minheap_array_t()  # keeps the m largest scores of each row
-        heaps.nh, heaps.k, heaps.val, heaps.ids = n, m, faiss.swig_ptr(f), faiss.swig_ptr(local)
-        heaps.heapify()
-        sq = np.einsum("ij,ij->i", x, x) if self.metric == "euclidean" else None
-        for a in range(0, n, SYMMETRIC_BLOCK):
-            for b in range(a, n, SYMMETRIC_BLOCK):
-                s = x[a:a + SYMMETRIC_BLOCK] @ x[b:b + SYMMETRIC_BLOCK].T
-                if sq is not None:  # -(|xa|^2 + |xb|^2 - 2 xa.xb), as FAISS's L2 search computes it
-                    s *= 2
-                    s -= sq[a:a + SYMMETRIC_BLOCK, None]
-                    s -= sq[None, b:b + SYMMETRIC_BLOCK]
-                heaps.addn(s.shape[1], faiss.swig_ptr(s), b, a, s.shape[0])
-                if b > a:
-                    t = np.ascontiguousarray(s.T)
-                    heaps.addn(t.shape[1], faiss.swig_ptr(t), a, b, t.shape[0])
-        heaps.reorder()  # best first
-        return f, local
-
-    def search(self, queries: np.ndarray, k: int, memory_budget_bytes: int, own_rows: bool = False) -> TopK:
-        """Exact top-k of each query in this shard (fewer columns are padded with id -1).
-
-        `own_rows`: the queries are exactly this shard's vectors, in order (single-process
-        self-retrieval), so the first proposals can use the symmetric score matrix.
-        """
+    def search(self, queries: np.ndarray, k: int, memory_budget_bytes: int) -> TopK:
+        """Exact top-k of each query in this shard (fewer columns are padded with id -1)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         n = len(queries)
         if self.ntotal == 0 or k == 0:
@@ -205,10 +193,6 @@ class ShardIndex:
         out = TopK(np.empty((n, k_eff), np.float64), np.empty((n, k_eff), np.int64))
         rows = np.arange(n)
         fetch = min(self.ntotal, k_eff + max(8, k_eff // 4))
-        if own_rows and not self.on_gpu:
-            f, local = self._propose_own_rows(fetch)
-            rows = self._settle_proposed(queries, rows, f, local, k_eff, fetch, slack, out, memory_budget_bytes)
-            fetch = min(self.ntotal, 2 * fetch)
         while len(rows):
             rows = self._settle(queries, rows, k_eff, fetch, slack, out, memory_budget_bytes)
             fetch = min(self.ntotal, 2 * fetch)
@@ -337,8 +321,8 @@ class ShardIndex:
 
 def fixed_search_bytes(on_gpu: bool = False) -> int:
     """Working memory of a search that does not grow with the query block: the re-scoring tiles
-    (float64 and a float32 gather per thread) and, on the CPU, FAISS's score tile (or, in its
-    place, the two tiles of a symmetric block pair)."""
+    (float64 and a float32 gather per thread) and, on the CPU, FAISS's score tiles (4 MiB for each
+    of up to four threads searching PROPOSE_ROWS queries)."""
     return 2 * THREADS * TILE_BYTES + (0 if on_gpu else CPU_SEARCH_TILE_BYTES)
 
 

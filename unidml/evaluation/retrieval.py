@@ -79,11 +79,9 @@ def iter_sharded_topk(queries: np.ndarray, query_ids: np.ndarray, index: ShardIn
     fetch = k + int(self_retrieval)
     block = query_block_size(len(queries), fetch, comm.world_size, queries.shape[1], memory_budget_mb, index.on_gpu)
     budget_bytes = int(memory_budget_mb * 2**20)
-    own_rows = (self_retrieval and comm.world_size == 1 and block >= len(queries)
-                and np.array_equal(query_ids, index.global_ids) and np.array_equal(queries, index.vectors))
     for start in range(0, len(queries), block):
         stop = min(start + block, len(queries))
-        top = index.search(queries[start:stop], fetch, budget_bytes, own_rows=own_rows)
+        top = index.search(queries[start:stop], fetch, budget_bytes)
         if self_retrieval:
             top = drop_self(top, query_ids[start:stop], k)
         parts = [TopK(s, i) for s, i in zip(comm.all_gather_equal(top.scores), comm.all_gather_equal(top.ids))]

@@ -13,8 +13,10 @@ difference from PyTorch in float32 is printed, and the command fails when it exc
 from __future__ import annotations
 
 import argparse
+import contextlib
+import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -63,25 +65,38 @@ def sample_batch(cfg: Any, images_arg: str | None, count: int):
     return torch.cat(batches).float().contiguous(memory_format=torch.contiguous_format)
 
 
+@contextlib.contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """Silence the tracer's warnings: its constant-folded shape checks (a ViT's fixed input size) and
+    the deprecation of torch.jit and of the TorchScript-based ONNX exporter. The export is verified by
+    running it at two batch sizes instead."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
 def export_onnx(model: Any, example: Any, out: Path, opset: int) -> Callable[[np.ndarray], np.ndarray]:
     """Write `out` and return a function running it with onnxruntime."""
     import onnxruntime
     import torch
 
-    torch.onnx.export(model, (example,), str(out), dynamo=False, opset_version=opset, input_names=["images"],
-                      output_names=["embeddings"], dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}})
+    with quiet_tracing():
+        torch.onnx.export(model, (example,), str(out), dynamo=False, opset_version=opset, input_names=["images"],
+                          output_names=["embeddings"],
+                          dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}})
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     return lambda images: session.run(None, {"images": images})[0]
 
 
 def export_torchscript(model: Any, example: Any, out: Path, opset: int) -> Callable[[np.ndarray], np.ndarray]:
     """Write `out` (traced) and return a function running the file loaded back."""
-    import warnings
-
     import torch
 
-    with warnings.catch_warnings():  # torch deprecates torch.jit in favour of torch.export; asked for here
-        warnings.simplefilter("ignore", FutureWarning)
+    with quiet_tracing():
         torch.jit.trace(model, example, check_trace=False).save(str(out))
         loaded = torch.jit.load(str(out), map_location="cpu").eval()
 

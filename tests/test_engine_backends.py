@@ -77,7 +77,7 @@ def test_deepspeed_config_conflicts_are_one_line_errors(tmp_path, data, fragment
      "key 'engine.embed_chunks': not supported with engine.backend=deepspeed"),
     (["engine.backend=deepspeed", "engine.deepspeed_config=x.json", "engine.sync_bn=true"],
      "key 'engine.sync_bn': not supported with engine.backend=deepspeed"),
-    (["eval.split=val"], "'val' needs a validation split"),
+    (["eval.split=val", "data.val_classes=0"], "'val' needs a validation split"),
 ])
 def test_static_cross_field_rules_fail_at_load(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment) as info:

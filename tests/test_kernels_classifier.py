@@ -51,20 +51,21 @@ def _scores_and_grads(backend, x, w, b, targets, **kw):
     return list(out), [t.grad for t in leaves if t is not None]
 
 
-SCORE_CASES = [  # (n, d, C, chunk, scale, normalize, columns, bias)
-    (13, 6, 7, 3, 1.0, False, True, True),
-    (13, 6, 33, 5, 3.0, True, True, False),
-    (9, 5, 1, 4, 2.0, False, True, True),  # one class: every row's only class is its target
-    (16, 8, 20, 16, 0.5, True, False, True),
-    (5, 4, 11, 64, 1.0, False, True, False),  # one chunk larger than C
+SCORE_CASES = [  # (n, d, C, chunk, scale, normalize, rows, columns, bias)
+    (13, 6, 7, 3, 1.0, False, True, True, True),
+    (13, 6, 33, 5, 3.0, True, True, True, False),
+    (9, 5, 1, 4, 2.0, False, True, True, True),  # one class: every row's only class is its target
+    (16, 8, 20, 16, 0.5, True, True, False, True),
+    (5, 4, 11, 64, 1.0, False, True, True, False),  # one chunk larger than C
+    (12, 6, 17, 5, 8.0, True, False, True, False),  # columns only (Proxy-Anchor)
 ]
 
 
 @pytest.mark.parametrize("case", SCORE_CASES)
 def test_tiled_scores_match_reference(case):
-    n, d, c, chunk, scale, normalize, columns, bias = case
+    n, d, c, chunk, scale, normalize, rows, columns, bias = case
     x, w, b, targets = _case(n, d, c, seed=c, bias=bias)
-    kw = dict(scale=scale, normalize=normalize, columns=columns)
+    kw = dict(scale=scale, normalize=normalize, rows=rows, columns=columns)
     want = _scores_and_grads("reference", x, w, b, targets, **kw)
     got = _scores_and_grads("tiled", x, w, b, targets, chunk=chunk, **kw)
     for name, g, r in zip(("row_lse", "target", "col_lse", "weight_sum"), got[0], want[0]):
@@ -189,9 +190,9 @@ def test_proxy_anchor_terms_every_backend_match_pml():
 def triton_check() -> None:
     """Triton scores and losses equal the reference; run under TRITON_INTERPRET=1 (see the test below)."""
     for case in SCORE_CASES:
-        n, d, c, _chunk, scale, normalize, columns, bias = case
+        n, d, c, _chunk, scale, normalize, rows, columns, bias = case
         x, w, b, targets = _case(n, d, c, seed=c, bias=bias)
-        kw = dict(scale=scale, normalize=normalize, columns=columns)
+        kw = dict(scale=scale, normalize=normalize, rows=rows, columns=columns)
         want = _scores_and_grads("reference", x, w, b, targets, **kw)
         got = _scores_and_grads("triton", x, w, b, targets, **kw)
         for g, r in zip(got[0] + got[1], want[0] + want[1]):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import faiss
@@ -35,8 +34,7 @@ GPU_MAX_K = 2048  # FAISS GPU's largest k for a flat index search
 FETCH_BYTES = 12  # one FAISS proposal: float32 score, int64 id
 ENTRY_BYTES = 16  # one final neighbour: float64 score, int64 id
 FINISH_GROUP = 2048  # rows re-scored together (at the largest width among them)
-PROPOSE_ROWS = 1024  # queries per FAISS CPU call when THREADS threads search side by side
-CPU_SEARCH_TILE_BYTES = 4096 * 1024 * 4  # FAISS CPU: one 4096 x 1024 score tile, or 1024 x 1024 per thread
+CPU_SEARCH_TILE_BYTES = 4096 * 1024 * 4  # FAISS CPU's internal BLAS score tile
 
 
 @dataclass(frozen=True)
@@ -151,25 +149,10 @@ class ShardIndex:
         """Global gallery ids of (valid, >= 0) local positions."""
         return local + self.id_offset if self.id_offset is not None else self.global_ids[local]
 
-    def _faiss_search(self, queries: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """FAISS's search; on the CPU, blocks of PROPOSE_ROWS queries are searched by THREADS threads
-        side by side, one OpenMP thread each, so no thread waits for another at a parallel-region
-        barrier (which costs much on a busy machine)."""
-        if self.on_gpu or THREADS == 1 or len(queries) < 2 * PROPOSE_ROWS:
-            return self.index.search(queries, m)
-
-        def one(start: int) -> tuple[np.ndarray, np.ndarray]:
-            faiss.omp_set_num_threads(1)  # OpenMP's thread count is per calling thread: this worker only
-            return self.index.search(queries[start:start + PROPOSE_ROWS], m)
-
-        with ThreadPoolExecutor(THREADS) as pool:
-            parts = list(pool.map(one, range(0, len(queries), PROPOSE_ROWS)))
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
     def _propose(self, queries: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
         """(float32 higher-is-closer scores, local ids) of m proposals per query, best first."""
         if m <= self.max_k:
-            dist, local = self._faiss_search(queries, m)
+            dist, local = self.index.search(queries, m)
             return (dist if self.metric == "cosine" else -dist), local
         if self._device_vectors is None:
             self._device_vectors = torch.from_numpy(self.vectors).to(self.device)
@@ -321,8 +304,7 @@ class ShardIndex:
 
 def fixed_search_bytes(on_gpu: bool = False) -> int:
     """Working memory of a search that does not grow with the query block: the re-scoring tiles
-    (float64 and a float32 gather per thread) and, on the CPU, FAISS's score tiles (4 MiB for each
-    of up to four threads searching PROPOSE_ROWS queries)."""
+    (float64 and a float32 gather per thread) and, on the CPU, FAISS's 16 MiB score tile."""
     return 2 * THREADS * TILE_BYTES + (0 if on_gpu else CPU_SEARCH_TILE_BYTES)
 
 

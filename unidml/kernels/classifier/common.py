@@ -3,7 +3,7 @@
 Every backend computes, for embeddings x (n, d) against one block of class weights w (c, d) with
 optional bias b (c,), the logits l_ik = s·(x_i·v_k + b_k) where v_k = w_k (linear head) or
 w_k/‖w_k‖ (normalised head), and returns only vectors:
-  row_lse (n,)   LSE over k ≠ t_i of l_ik (−inf when a row has no such class),
+  row_lse (n,)   LSE over k ≠ t_i of l_ik (−inf when a row has no such class; only if asked),
   target  (n,)   x_i·v_{t_i} (no scale, no bias; 0 where t_i = −1),
   col_lse (c,)   LSE over i with t_i ≠ k of l_ik (−inf when empty; only if asked),
   weight_sum (d,) Σ_k v_k (so Σ_k l_ik never needs the n × c matrix),

@@ -40,21 +40,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def class_scores(x: Tensor, w: Tensor, bias: Tensor | None, targets: Tensor, *, scale: float = 1.0,
-                 normalize: bool = False, columns: bool = False, backend: str = "tiled",
+                 normalize: bool = False, rows: bool = True, columns: bool = False, backend: str = "tiled",
                  chunk: int | None = None) -> ClassScores:
     """Row / column log-sum-exps, target dots and Σ_k v_k of x against one weight block (see `common`),
     on a resolved `backend` (reference | tiled | triton).
 
     targets (n,): each row's target column in `w`, or −1 when its class is not in this block.
+    `rows` / `columns`: compute the row / column log-sum-exps (an empty tensor otherwise).
     `chunk` (classes per block) applies to the tiled backend; the Triton one picks its own tiles.
     """
     check_inputs(x, w, bias, targets)
     if backend == "reference":
-        return reference_scores(x, w, bias, targets, scale, normalize, columns)
+        return reference_scores(x, w, bias, targets, scale, normalize, rows, columns)
     if backend == "tiled":
-        return tiled_scores(x, w, bias, targets, scale, normalize, columns, chunk)
+        return tiled_scores(x, w, bias, targets, scale, normalize, rows, columns, chunk)
     if backend == "triton":
         from unidml.kernels.classifier.triton_backend import triton_scores
 
-        return triton_scores(x, w, bias, targets, scale, normalize, columns)
+        return triton_scores(x, w, bias, targets, scale, normalize, rows, columns)
     raise ValueError(f"backend '{backend}' is not resolved: pass it through resolve_backend first")

@@ -33,7 +33,7 @@ def proxy_anchor_terms(head: ClassifierHead, z: Tensor, y: Tensor, alpha: float,
     x, y = head.batch(x, y)
     combine = head.combine()
     scores = class_scores(x, head.weight, None, head.local_targets(y), scale=alpha, normalize=True,
-                          columns=True, backend=backend, chunk=chunk)
+                          rows=False, columns=True, backend=backend, chunk=chunk)
     cos_t = combine.sum(scores.target)
     classes, group = torch.unique(y, return_inverse=True)
     positive = log1p_sum_exp_by_group(-alpha * (cos_t - delta), group, classes.numel()).sum() / classes.numel()

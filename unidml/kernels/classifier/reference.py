@@ -9,7 +9,7 @@ from unidml.kernels.classifier.common import NORM_EPS, ClassScores
 
 
 def reference_scores(x: Tensor, w: Tensor, bias: Tensor | None, targets: Tensor, scale: float,
-                     normalize: bool, columns: bool) -> ClassScores:
+                     normalize: bool, rows: bool, columns: bool) -> ClassScores:
     """The four reductions of the module docstring of `common`, from the whole logit matrix."""
     x, w = x.float(), w.float()
     v = F.normalize(w, dim=1, eps=NORM_EPS) if normalize else w
@@ -20,7 +20,8 @@ def reference_scores(x: Tensor, w: Tensor, bias: Tensor | None, targets: Tensor,
     is_target[has.nonzero().squeeze(1), targets[has]] = True
     target = torch.where(is_target, dots, torch.zeros_like(dots)).sum(1)
     col_lse = _lse_except(logits, is_target, 0) if columns else logits.new_empty(0)
-    return ClassScores(_lse_except(logits, is_target, 1), target, col_lse, v.sum(0))
+    row_lse = _lse_except(logits, is_target, 1) if rows else logits.new_empty(0)
+    return ClassScores(row_lse, target, col_lse, v.sum(0))
 
 
 def _lse_except(logits: Tensor, excluded: Tensor, dim: int) -> Tensor:

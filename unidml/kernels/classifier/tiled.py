@@ -95,7 +95,7 @@ class TiledClassScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, targets: Tensor, scale: float, normalize: bool,
-                columns: bool, chunk: int):
+                rows: bool, columns: bool, chunk: int):
         x32 = x.float()
         xa = _augmented(x32, bias)
         n, c = x.shape[0], w.shape[0]
@@ -109,17 +109,21 @@ class TiledClassScores(torch.autograd.Function):
             logits, v = _chunk_logits(xa, w, bias, inv_norm, scale, index, s, e)
             if columns:  # a chunk holds every row: its column log-sum-exps are complete
                 top = _finite_or_zero(logits.amax(0))
-                col_lse[s:e] = (top + _exp2_shifted_(logits.clone(), top, 0).sum(0).log2_()) * LN2
+                block = logits.clone() if rows else logits  # the row pass below still needs the logits
+                col_lse[s:e] = (top + _exp2_shifted_(block, top, 0).sum(0).log2_()) * LN2
+            weight_sum += v.sum(0)
+            if not rows:
+                continue
             new_max = torch.maximum(run_max, logits.amax(1))
             safe = _finite_or_zero(new_max)
             run_sum = run_sum * torch.exp2(run_max - safe) + _exp2_shifted_(logits, safe, 1).sum(1)
             run_max = new_max
-            weight_sum += v.sum(0)
-        row_lse = (_finite_or_zero(run_max) + run_sum.log2()) * LN2  # log2(0) = −inf: no class left
+        # log2(0) = −inf: a row without any other class
+        row_lse = (_finite_or_zero(run_max) + run_sum.log2()) * LN2 if rows else x32.new_empty(0)
         v_t, has = target_vectors(w, inv_norm, targets)
         target = (x32 * v_t).sum(1)
         ctx.save_for_backward(x, w, bias, targets, row_lse, col_lse)
-        ctx.scale, ctx.normalize, ctx.columns, ctx.chunk = scale, normalize, columns, chunk
+        ctx.scale, ctx.normalize, ctx.rows, ctx.columns, ctx.chunk = scale, normalize, rows, columns, chunk
         ctx.set_materialize_grads(False)
         return row_lse, target, col_lse, weight_sum
 
@@ -136,7 +140,7 @@ class TiledClassScores(torch.autograd.Function):
         dx = torch.zeros_like(x32)
         dv = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         db = None if bias is None else torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
-        rows_live = g_row is not None
+        rows_live = g_row is not None and ctx.rows
         cols_live = g_col is not None and ctx.columns
         if rows_live or cols_live:
             row_shift = _grad_shift(row_lse, g_row, scale) if rows_live else None
@@ -165,12 +169,12 @@ class TiledClassScores(torch.autograd.Function):
         if ctx.normalize:
             normalize_backward_(dv, w, inv_norm, ctx.chunk)
         return (dx.to(x.dtype), dv.to(w.dtype), None if db is None else db.to(bias.dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def tiled_scores(x: Tensor, w: Tensor, bias: Tensor | None, targets: Tensor, scale: float, normalize: bool,
-                 columns: bool, chunk: int | None = None) -> ClassScores:
+                 rows: bool, columns: bool, chunk: int | None = None) -> ClassScores:
     """ClassScores of (x, w, bias) in class chunks with a recomputing backward."""
-    out = TiledClassScores.apply(x, w, bias, targets.long(), float(scale), normalize, columns,
+    out = TiledClassScores.apply(x, w, bias, targets.long(), float(scale), normalize, rows, columns,
                                  chunk or default_chunk_classes(x.shape[0]))
     return ClassScores(*out)

@@ -41,7 +41,7 @@ class TritonClassScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, bias: Tensor | None, targets: Tensor, scale: float, normalize: bool,
-                columns: bool):
+                rows: bool, columns: bool):
         from unidml.kernels.classifier import triton_kernels as K
 
         x, w = x.contiguous(), w.contiguous()
@@ -51,19 +51,20 @@ class TritonClassScores(torch.autograd.Function):
         inv_norm = inverse_norms(w) if normalize else None
         args = _launch_args(x, w, bias, inv_norm, t32, scale, normalize)
         blocks = _blocks(d)
-        row_lse = torch.empty(n, dtype=torch.float32, device=x.device)
-        K.fwd_rows[(triton.cdiv(n, blocks["BLOCK_M"]),)](*args["head"], row_lse, *args["sizes"], **args["flags"],
-                                                        BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"],
-                                                        BLOCK_K=blocks["BLOCK_K"], DOT_F32=_dot_f32())
+        row_lse = torch.empty(n if rows else 0, dtype=torch.float32, device=x.device)
+        tiles = dict(BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
+                     DOT_F32=_dot_f32())
+        if rows:
+            K.fwd_rows[(triton.cdiv(n, blocks["BLOCK_M"]),)](*args["head"], row_lse, *args["sizes"], **args["flags"],
+                                                            **tiles)
         col_lse = torch.empty(c if columns else 0, dtype=torch.float32, device=x.device)
         if columns:
             K.fwd_cols[(triton.cdiv(c, blocks["BLOCK_N"]),)](*args["head"], col_lse, *args["sizes"], **args["flags"],
-                                                            BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"],
-                                                            BLOCK_K=blocks["BLOCK_K"], DOT_F32=_dot_f32())
+                                                            **tiles)
         v_t, _ = target_vectors(w, inv_norm, targets)
         target = (x.float() * v_t).sum(1)
         ctx.save_for_backward(x, w, bias, targets, row_lse, col_lse)
-        ctx.scale, ctx.normalize, ctx.columns = scale, normalize, columns
+        ctx.scale, ctx.normalize, ctx.rows, ctx.columns = scale, normalize, rows, columns
         ctx.set_materialize_grads(False)
         return row_lse, target, col_lse, _weight_sum(w, inv_norm)
 
@@ -80,11 +81,11 @@ class TritonClassScores(torch.autograd.Function):
         dx = torch.zeros(n, d, dtype=torch.float32, device=x.device)
         dv = torch.zeros(c, d, dtype=torch.float32, device=x.device)
         db = None if bias is None else torch.zeros(c, dtype=torch.float32, device=x.device)
-        has_row, has_col = g_row is not None, g_col is not None and ctx.columns
+        has_row, has_col = g_row is not None and ctx.rows, g_col is not None and ctx.columns
         if has_row or has_col:
             blocks = _blocks(d)
             dummy = row_lse.new_zeros(1)
-            grads = (g_row.float().contiguous() if has_row else dummy, row_lse,
+            grads = (g_row.float().contiguous() if has_row else dummy, row_lse if has_row else dummy,
                      g_col.float().contiguous() if has_col else dummy, col_lse if has_col else dummy)
             common = dict(**args["flags"], HAS_ROW=has_row, HAS_COL=has_col, DOT_F32=_dot_f32(), num_warps=8,
                           **blocks)
@@ -104,7 +105,7 @@ class TritonClassScores(torch.autograd.Function):
         if ctx.normalize:
             normalize_backward_(dv, w, inv_norm, default_chunk_classes(d))
         return (dx.to(x.dtype), dv.to(w.dtype), None if db is None else db.to(bias.dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _launch_args(x: Tensor, w: Tensor, bias: Tensor | None, inv_norm: Tensor | None, t32: Tensor, scale: float,
@@ -120,6 +121,7 @@ def _launch_args(x: Tensor, w: Tensor, bias: Tensor | None, inv_norm: Tensor | N
 
 
 def triton_scores(x: Tensor, w: Tensor, bias: Tensor | None, targets: Tensor, scale: float, normalize: bool,
-                  columns: bool) -> ClassScores:
+                  rows: bool, columns: bool) -> ClassScores:
     """ClassScores of (x, w, bias) from the fused Triton kernels."""
-    return ClassScores(*TritonClassScores.apply(x, w, bias, targets.long(), float(scale), normalize, columns))
+    return ClassScores(*TritonClassScores.apply(x, w, bias, targets.long(), float(scale), normalize, rows,
+                                                columns))

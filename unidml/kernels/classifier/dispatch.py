@@ -5,38 +5,18 @@ will run on; `class_scores` then only dispatches to the backend it returned.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from unidml.extras import announce_fallback, install_hint, installed
+from unidml.kernels.backend_choice import choose_kernel_backend
 from unidml.kernels.classifier.common import ClassScores, check_inputs
 from unidml.kernels.classifier.reference import reference_scores
 from unidml.kernels.classifier.tiled import tiled_scores
 
-BACKENDS = ("auto", "reference", "tiled", "triton")
-
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend on `device`: `auto` = triton on CUDA when triton is installed (else tiled,
-    said once), tiled otherwise; an explicit choice is checked (ValueError, one line). The meta device
-    (config validation, before the run's device is known) checks only what holds on every device."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
-    if backend == "auto":
-        if device.type != "cuda":
-            return "tiled"
-        if installed("triton"):
-            return "triton"
-        announce_fallback("triton", "the tiled kernels")
-        return "tiled"
-    if backend == "triton" and not installed("triton"):
-        raise ValueError(f"backend 'triton' needs the triton package ({install_hint('triton')}); use 'tiled' or 'auto'")
-    runnable = device.type in ("cuda", "meta") or os.environ.get("TRITON_INTERPRET") == "1"
-    if backend == "triton" and not runnable:
-        raise ValueError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use 'tiled' or 'auto'")
-    return backend
+    """The concrete classifier backend on `device` (the rule: `choose_kernel_backend`)."""
+    return choose_kernel_backend(backend, device)
 
 
 def class_scores(x: Tensor, w: Tensor, bias: Tensor | None, targets: Tensor, *, scale: float = 1.0,

@@ -5,17 +5,13 @@ will run on; `pairwise_rows` then only dispatches to the backend it returned.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from unidml.extras import announce_fallback, install_hint, installed
+from unidml.kernels.backend_choice import choose_kernel_backend
 from unidml.kernels.pairwise.reference import reference_rows
 from unidml.kernels.pairwise.rows import fused_kernel_args
 from unidml.kernels.pairwise.tiled import tiled_rows
-
-BACKENDS = ("auto", "reference", "tiled", "triton")
 
 
 def triton_supports(spec) -> bool:
@@ -24,30 +20,8 @@ def triton_supports(spec) -> bool:
 
 
 def resolve_backend(backend: str, spec, device: torch.device) -> str:
-    """The concrete backend for row program `spec` on `device`: `auto` = triton on CUDA where a kernel
-    exists and triton is installed (else tiled, said once), tiled otherwise; an explicit choice is
-    checked (ValueError, one line).
-
-    The meta device (config validation, before the run's device is known) checks only what holds
-    on every device.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
-    if backend == "auto":
-        if device.type != "cuda" or not triton_supports(spec):
-            return "tiled"
-        if installed("triton"):
-            return "triton"
-        announce_fallback("triton", "the tiled kernels")
-        return "tiled"
-    if backend == "triton" and not installed("triton"):
-        raise ValueError(f"backend 'triton' needs the triton package ({install_hint('triton')}); use 'tiled' or 'auto'")
-    if backend == "triton" and not triton_supports(spec):
-        raise ValueError(f"no triton kernel for {spec}; use backend 'tiled'")
-    runnable = device.type in ("cuda", "meta") or os.environ.get("TRITON_INTERPRET") == "1"
-    if backend == "triton" and not runnable:
-        raise ValueError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1); use 'tiled' or 'auto'")
-    return backend
+    """The concrete backend for row program `spec` on `device` (the rule: `choose_kernel_backend`)."""
+    return choose_kernel_backend(backend, device, triton_supports(spec), str(spec))
 
 
 def pairwise_rows(spec, x: Tensor, r: Tensor, y: Tensor, ref_y: Tensor, self_offset: int | None,

@@ -129,9 +129,10 @@ def apply_variant(base: dict[str, Any], loss: str, variant: dict[str, Any]) -> d
 
 
 def plan_losses(config: str | Path, losses: Sequence[str], overrides: Sequence[str] = (),
-                variants: Path | None = None, cross_rank: bool = False) -> list[LossPlan]:
+                variants: Path | None = None, cross_rank: bool = False, tuned: bool = True) -> list[LossPlan]:
     """Each loss's starting config and search space, validated (corners of every range included)
-    before any training; a `--set` key that a loss searches is refused (the search would be void)."""
+    before any training; when the study is `tuned`, a `--set` key that a loss searches is refused (the
+    search would be void); untuned, a `--set` simply fixes that value for every loss."""
     base = read_mapping(Path(config), "config file")
     variants = Path(variants) if variants is not None else REPO_VARIANTS
     plans = []
@@ -142,7 +143,7 @@ def plan_losses(config: str | Path, losses: Sequence[str], overrides: Sequence[s
         plan.config(0)
         dims = parse_search(variant.get("search"), str(path), lambda values, p=plan: p.config(0, values))
         clash = sorted({item.split("=", 1)[0].strip() for item in overrides} & {d.key for d in dims})
-        if clash:
+        if clash and tuned:
             raise UserError(f"--set {clash[0]}: is searched for loss '{loss}' (search.{clash[0]} in {path}); "
                             f"drop the --set or the search entry")
         plans.append(LossPlan(plan.loss, plan.source, plan.mapping, dims, plan.overrides, cross_rank))
@@ -154,7 +155,7 @@ def plan_study(config: str | Path, losses: Sequence[str], seeds: int, out: Path,
     """Every (loss, seed) run at the variants' own settings (no tuning), with its resolved config."""
     if seeds < 1:
         raise UserError(f"--seeds: must be >= 1, got {seeds}")
-    plans = plan_losses(config, losses, overrides, variants, cross_rank)
+    plans = plan_losses(config, losses, overrides, variants, cross_rank, tuned=False)
     return [StudyRun(p.loss, seed, out / p.loss / f"seed{seed}", p.config(seed))
             for p in plans for seed in range(seeds)]
 

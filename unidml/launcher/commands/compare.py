@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
                              objective=args.objective, seed=args.sampler_seed, prune=args.prune, name=args.study_name,
                              poll_seconds=args.poll_seconds)
     try:
-        plans = plan_losses(args.config, losses, overrides, args.variants, cross_rank=env.distributed)
+        plans = plan_losses(args.config, losses, overrides, args.variants, cross_rank=env.distributed,
+                            tuned=args.trials > 0)
         studies = None
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)

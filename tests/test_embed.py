@@ -1,7 +1,6 @@
 """`unidml embed` (+ `eval --embeddings`, `index`, `search --index`) on a tiny synthetic dataset and checkpoint."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from command_helpers import command, write_untrained_checkpoint
 
 from unidml.errors import UserError
 from unidml.launcher.commands import embed, evaluate, index, search
@@ -21,24 +20,9 @@ OVERRIDES = ["data.synthetic.classes=6", "data.synthetic.per_class=5", "data.syn
              "engine.precision=fp32", "engine.device=cpu", "data.val_classes=0", "eval.split=test"]
 
 
-def command(module, argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from unidml.config import load_config, to_yaml
-    from unidml.engine.checkpoint import save_atomic
-    from unidml.models import build_model
-
-    root = tmp_path_factory.mktemp("embed_cmd")
-    cfg = load_config(None, OVERRIDES + [f"data.root={root / 'data'}"])
-    torch.manual_seed(0)
-    path = root / "run" / "checkpoints" / "best.pt"
-    save_atomic({"config": to_yaml(cfg), "model": build_model(cfg.model, cfg.data.image_size).state_dict()}, path)
-    return path
+    return write_untrained_checkpoint(tmp_path_factory.mktemp("embed_cmd"), OVERRIDES)
 
 
 def test_embed_split_matches_the_checkpoint_evaluation(checkpoint, tmp_path, capsys):

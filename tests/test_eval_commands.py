@@ -1,13 +1,13 @@
 """`unidml eval` and `unidml search` end to end on a tiny synthetic dataset and an untrained checkpoint."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from command_helpers import command, write_untrained_checkpoint
 from PIL import Image
 from test_eval_oracle import brute_force_metrics
 
@@ -21,23 +21,10 @@ OVERRIDES = ["data.synthetic.classes=6", "data.synthetic.per_class=5", "data.syn
              "data.val_classes=0", "eval.split=test"]
 
 
-def command(module, argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    from unidml.config import load_config, to_yaml
-    from unidml.engine.checkpoint import save_atomic
-    from unidml.models import build_model
-
     root = tmp_path_factory.mktemp("eval_cmd")
-    cfg = load_config(None, OVERRIDES + [f"data.root={root / 'data'}"])
-    torch.manual_seed(0)
-    save_atomic({"config": to_yaml(cfg), "model": build_model(cfg.model).state_dict()},
-                root / "run" / "checkpoints" / "best.pt")
+    write_untrained_checkpoint(root, OVERRIDES)
     return root
 
 

@@ -1,0 +1,34 @@
+"""Typed run configuration: a YAML file with the sections `data`, `model`, `loss`, `train`, `engine`,
+`eval` (docs/design.md, "Configuration").
+
+- `schema`: the typed sections and their defaults, and the names every layer shares (`METRICS`, ...);
+- `loading`: YAML files layered onto the schema, dotted overrides, one-line `ConfigError`s;
+- `rules`: `validate(cfg)`, every rule that needs only the config, run before any work, and
+  `check_runtime(cfg, env)`, the rules that also need the world size or the device.
+
+The `loss` section is open (each loss has its own parameters); the loss registry checks it, passed to
+`load_config` as `validate_loss`.
+"""
+from unidml.config.loading import load_config, load_config_text, parse_override, to_yaml
+from unidml.config.rules import CHOICES, POSITIVE, VALUE_RULES, RuntimeEnv, check_runtime, validate
+from unidml.config.schema import (
+    EVAL_METRICS,
+    MAX_PIXELS_LIMIT,
+    METRICS,
+    PRECISIONS,
+    ConfigError,
+    DataConfig,
+    EngineConfig,
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    SyntheticConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "CHOICES", "EVAL_METRICS", "MAX_PIXELS_LIMIT", "METRICS", "POSITIVE", "PRECISIONS", "VALUE_RULES",
+    "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "ModelConfig", "RunConfig", "RuntimeEnv",
+    "SyntheticConfig", "TrainConfig", "check_runtime", "load_config", "load_config_text", "parse_override",
+    "to_yaml", "validate",
+]

@@ -1,0 +1,179 @@
+"""The config's rules, checked in one place: `validate(cfg)` for everything the config alone decides
+(choices, ranges, combinations of keys), before any work starts, and `check_runtime(cfg, env)` for the
+rules that also need the world size or the device, once the process knows them."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Protocol
+
+from omegaconf import DictConfig, OmegaConf
+
+from unidml.config.schema import EVAL_METRICS, MAX_PIXELS_LIMIT, METRICS, PRECISIONS, ConfigError
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": ("sop", "inshop", "cub", "cars", "list", "folder", "synthetic"),
+    "data.backend": ("auto", "dali", "torchvision"),
+    "data.on_error": ("skip", "fail"),
+    "data.sampler": ("random", "m_per_class"),
+    "data.train_resize": ("none", "shorter", "square"),
+    "model.pooling": ("auto", "avg", "gem", "cls"),
+    "train.optimizer": ("sgd", "adamw"),
+    "engine.backend": ("single", "ddp", "deepspeed"),
+    "engine.precision": PRECISIONS,
+    "engine.device": ("auto", "cpu", "cuda"),
+    "eval.metric": METRICS,
+    "eval.split": ("test", "val"),
+}
+
+POSITIVE: tuple[str, ...] = (
+    "data.image_size", "data.resize_size", "data.m_per_class", "train.batch_size", "train.grad_accum",
+    "engine.embed_chunks", "engine.max_skipped_steps", "eval.every", "eval.memory_budget_mb",
+    "eval.batch_size", "data.synthetic.classes", "data.synthetic.per_class", "data.synthetic.size",
+)
+
+
+def _finite(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
+    """A range rule: the value is a finite number from `low` to `high` (bounds excluded where open)."""
+    def rule(value: float) -> str | None:
+        inside = (math.isfinite(value) and (value > low if low_open else value >= low)
+                  and (value < high if high_open else value <= high))
+        if inside:
+            return None
+        wanted = f"{'>' if low_open else '>='} {low:g}"
+        if high != math.inf:
+            wanted = f"in {'(' if low_open else '['}{low:g}, {high:{'d' if float(high).is_integer() else 'g'}}" \
+                     f"{')' if high_open else ']'}"
+        return f"must be a finite number {wanted}, got {value}"
+    return rule
+
+
+def _pair_rule(low: float, high: float):
+    """Two values `[a, b]` with low < a <= b <= high (a RandomResizedCrop scale or ratio range)."""
+    def rule(value: list[float]) -> str | None:
+        if len(value) == 2 and all(math.isfinite(v) for v in value) and low < value[0] <= value[1] <= high:
+            return None
+        return f"must be two numbers [a, b] with {low:g} < a <= b <= {high:g}, got {list(value)}"
+    return rule
+
+
+def _jitter_rule(value: list[float]) -> str | None:
+    if len(value) == 4 and all(math.isfinite(v) and v >= 0 for v in value) and value[3] <= 0.5:
+        return None
+    return f"must be four numbers [brightness, contrast, saturation, hue], all >= 0 and hue <= 0.5, got {list(value)}"
+
+
+def _members(allowed: tuple[str, ...]):
+    def rule(value: list[str]) -> str | None:
+        unknown = [v for v in value if v not in allowed]
+        if not value or unknown:
+            return f"unknown {unknown} (known: {', '.join(allowed)})" if unknown else "must name at least one metric"
+        return None
+    return rule
+
+
+# Value rules beyond "> 0": key -> check returning what is wrong, or None. Wrong values here would
+# otherwise train garbage (lr=nan), crash late (an invalid crop scale inside the loader) or do
+# nothing silently (epochs=-3).
+VALUE_RULES: dict[str, Callable[[Any], str | None]] = {
+    "model.embedding_dim": _finite(0),  # 0 = the backbone's own feature size
+    "train.epochs": _finite(0),
+    "train.lr": _finite(0, low_open=True),
+    "train.weight_decay": _finite(0),
+    "train.momentum": _finite(0, 1, high_open=True),
+    "train.warmup_iters": _finite(0),
+    "train.grad_clip": _finite(0),  # 0 = off
+    "train.log_every": _finite(1),
+    "data.num_workers": _finite(0),
+    "data.max_pixels": _finite(1, MAX_PIXELS_LIMIT),  # above it PIL refuses to open an image anyway
+    "data.crop_scale": _pair_rule(0, 1),
+    "data.crop_ratio": _pair_rule(0, math.inf),
+    "data.color_jitter": _jitter_rule,
+    "eval.metrics": _members(EVAL_METRICS),
+    # exact search needs a fixed 24 MiB working set on the CPU (16 on a GPU) plus its query rows
+    "eval.memory_budget_mb": _finite(32),
+}
+
+
+def _check_values(cfg: DictConfig, source: str) -> None:
+    for key, rule in VALUE_RULES.items():
+        problem = rule(OmegaConf.select(cfg, key))
+        if problem:
+            raise ConfigError(f"{source}: key '{key}': {problem}")
+    if cfg.data.resize_size < cfg.data.image_size:
+        raise ConfigError(f"{source}: key 'data.resize_size': {cfg.data.resize_size} is smaller than data.image_size "
+                          f"{cfg.data.image_size} (the test transform resizes, then crops image_size)")
+
+
+def validate(cfg: DictConfig, source: str = "<config>") -> None:
+    """Every rule that needs only the config: choices, ranges and combinations of keys (ConfigError)."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{source}: key '{key}': '{value}' is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value <= 0:
+            raise ConfigError(f"{source}: key '{key}': must be > 0, got {value}")
+    if not 0.0 <= cfg.data.val_classes < 1.0:
+        raise ConfigError(f"{source}: key 'data.val_classes': must be in [0, 1), got {cfg.data.val_classes}")
+    if not cfg.eval.ks or min(cfg.eval.ks) <= 0:
+        raise ConfigError(f"{source}: key 'eval.ks': must be a non-empty list of positive integers")
+    if not isinstance(cfg.loss.get("name"), str):
+        raise ConfigError(f"{source}: key 'loss.name': missing or not a string")
+    _check_values(cfg, source)
+    if cfg.eval.split == "val" and cfg.data.val_classes == 0:
+        raise ConfigError(f"{source}: key 'eval.split': 'val' needs a validation split (data.val_classes > 0)")
+    if cfg.engine.backend == "deepspeed":
+        if not cfg.engine.deepspeed_config:
+            raise ConfigError(f"{source}: key 'engine.deepspeed_config': engine.backend=deepspeed needs a "
+                              f"DeepSpeed JSON: pass --deepspeed configs/deepspeed/zero1.json")
+        for key, refused in (("engine.embed_chunks", cfg.engine.embed_chunks > 1),
+                             ("engine.sync_bn", cfg.engine.sync_bn)):
+            if refused:
+                raise ConfigError(f"{source}: key '{key}': not supported with engine.backend=deepspeed (use ddp)")
+    _validate_optimizer(cfg, source)
+
+
+def _validate_optimizer(cfg: DictConfig, source: str) -> None:
+    """Ranges of the optimizer and pooling keys (the model itself is checked by `validate_model`)."""
+    train = cfg.train
+    if not 0.0 < train.layer_decay <= 1.0:
+        raise ConfigError(f"{source}: key 'train.layer_decay': must be in (0, 1] (1 = off), got {train.layer_decay}")
+    for key in ("backbone_lr_mult", "head_lr_mult", "loss_lr_mult"):
+        if train[key] < 0:
+            raise ConfigError(f"{source}: key 'train.{key}': must be >= 0, got {train[key]}")
+    if train.nesterov and (train.optimizer != "sgd" or train.momentum <= 0):
+        raise ConfigError(f"{source}: key 'train.nesterov': needs train.optimizer=sgd with train.momentum > 0")
+    if cfg.model.gem_p <= 0:
+        raise ConfigError(f"{source}: key 'model.gem_p': must be > 0, got {cfg.model.gem_p}")
+
+
+class RuntimeEnv(Protocol):
+    """What `check_runtime` needs to know about this process (`engine.distributed.DistEnv` has it)."""
+
+    world_size: int
+    device: Any
+
+
+def check_runtime(cfg: DictConfig, env: RuntimeEnv) -> None:
+    """Every rule that needs the world size or the device (or an optional package), checked once the
+    process knows them."""
+    from unidml.extras import require
+    from unidml.runtime.collectives import process_group_active
+
+    backend, world = cfg.engine.backend, env.world_size
+    if backend == "deepspeed":
+        require("deepspeed", "engine.backend=deepspeed")
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world}")
+    if cfg.engine.embed_chunks > cfg.train.batch_size // world:
+        raise ConfigError(f"engine.embed_chunks={cfg.engine.embed_chunks} exceeds the per-rank batch "
+                          f"({cfg.train.batch_size // world} images)")
+    if backend == "single" and world > 1:
+        raise ConfigError(f"engine.backend=single but the launcher started {world} processes; "
+                          f"set engine.backend=ddp (or deepspeed)")
+    if backend == "ddp" and not process_group_active():
+        raise ConfigError("engine.backend=ddp needs a process group: start with torchrun (see `unidml launch`)")
+    if backend == "ddp" and cfg.engine.sync_bn and env.device.type != "cuda":
+        raise ConfigError("engine.sync_bn=true needs CUDA (torch SyncBatchNorm has no CPU path); "
+                          "on CPU use model.feature_bn=false or engine.sync_bn=false")

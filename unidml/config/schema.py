@@ -1,0 +1,129 @@
+"""The run configuration's schema: the names every layer shares, the typed sections and their defaults.
+
+A YAML config is merged onto `RunConfig` (see `unidml.config.loading`), so an unknown key or a value of
+the wrong type fails there, naming the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from unidml.errors import UserError
+
+# Names every layer uses: similarities (eval.metric, a pairwise loss's `distance`, the kernels) and
+# numeric precisions (engine.precision; their dtypes are in `unidml.runtime.precision`).
+METRICS: tuple[str, ...] = ("cosine", "euclidean")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+# Retrieval metrics `eval.metrics` may name (computed in `unidml.evaluation.metrics`).
+EVAL_METRICS: tuple[str, ...] = ("recall", "map_at_r", "r_precision", "map", "mrr", "nmi")
+# The largest image accepted (`data.max_pixels`): PIL's decompression-bomb limit, 2 x
+# PIL.Image.MAX_IMAGE_PIXELS, above which PIL refuses to open a file, so the limit means the same
+# in both loaders (see unidml.data_pipeline.images).
+MAX_PIXELS_LIMIT = 178_956_970
+
+
+class ConfigError(UserError):
+    """A configuration problem, reported as one line naming the key or file."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Parameters of the built-in synthetic dataset (generated into `data.root` when absent)."""
+
+    classes: int = 100
+    per_class: int = 40
+    size: int = 64
+    seed: int = 0
+    test_fraction: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    root: str = "data/synthetic"
+    list_file: str = ""
+    backend: str = "auto"
+    on_error: str = "skip"
+    sampler: str = "random"
+    m_per_class: int = 4
+    val_classes: float = 0.2  # class-disjoint validation split carved from the training classes (0: none)
+    image_size: int = 224
+    resize_size: int = 256
+    train_resize: str = "none"
+    crop_scale: list[float] = field(default_factory=lambda: [0.16, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4.0 / 3.0])
+    hflip: bool = True
+    color_jitter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    num_workers: int = 2
+    max_pixels: int = MAX_PIXELS_LIMIT
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    pretrained: str = ""
+    pretrained_required: bool = True
+    embedding_dim: int = 0
+    freeze_bn: bool = True
+    feature_bn: bool = True
+    small_input_stem: bool = False
+    pooling: str = "auto"
+    gem_p: float = 3.0
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra backbone constructor arguments (timm: drop_path_rate)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.02
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    backbone_lr_mult: float = 1.0
+    head_lr_mult: float = 1.0
+    loss_lr_mult: float = 1.0
+    layer_decay: float = 1.0
+    warmup_iters: int = 100
+    seed: int = 0
+    resume: str = "never"
+    grad_accum: int = 1
+    grad_clip: float = 0.0
+    log_every: int = 10
+
+
+@dataclass
+class EngineConfig:
+    backend: str = "single"
+    precision: str = "bf16"
+    embed_chunks: int = 1
+    max_skipped_steps: int = 10
+    profile: bool = False
+    compile: bool = False
+    channels_last: bool = True
+    deepspeed_config: str = ""
+    sync_bn: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    every: int = 1
+    memory_budget_mb: int = 1024
+    metric: str = "cosine"
+    batch_size: int = 256
+    metrics: list[str] = field(default_factory=lambda: ["recall", "map_at_r", "r_precision"])
+    split: str = "val"  # the split whose Recall@1 selects the best epoch (test: the paper's protocol)
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: dict[str, Any] = field(default_factory=lambda: {"name": "cross_entropy"})
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -72,8 +72,24 @@ def max_param_diff(a: dict, b: dict) -> float:
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
-    keys = ("epoch", "step", "train_loss", "recall@1", "recall@2", "map@r")
+    keys = ("epoch", "step", "train_loss", "recall@1", "recall@2", "map@r", "num_queries")
     return [{k: e[k] for k in keys if k in e} for e in json.loads((run_dir / "metrics.json").read_text())["epochs"]]
+
+
+RANKING_METRICS = ("recall@1", "recall@2", "map@r")
+
+
+def assert_same_metrics(got: dict, want: dict) -> None:
+    """Same evaluation rows. Losses to 1e-4; a ranking metric within one query's share (100 / queries
+    points): parameters that agree to float rounding (UPDATE_RTOL) can still swap two near-tied
+    neighbours of one query, which was seen on an AVX2-only AMD EPYC (recall@2 78.125 vs 75.0 of 32
+    queries); a real difference (another batch, unaveraged gradients) moves many queries."""
+    assert got.keys() == want.keys()
+    for key in want:
+        if key in RANKING_METRICS:
+            assert abs(got[key] - want[key]) <= 100.0 / want["num_queries"] + 1e-9, (key, got, want)
+        else:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-4), (key, got, want)
 
 
 # Tolerance of a multi-process run against the one-process run: the norm of the parameter difference
@@ -135,9 +151,7 @@ def assert_same_run(run_dir: Path, reference_dir: Path, reference: dict, initial
     assert final["epoch"] == 2 and final["step"] == reference["step"] == 4
     assert_same_parameters(final, reference, initial)
     for got, want in zip(metric_rows(run_dir), metric_rows(reference_dir), strict=True):
-        assert got.keys() == want.keys()
-        for key in want:
-            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-4), (key, got, want)
+        assert_same_metrics(got, want)
 
 
 def unidml_train(out: Path, overrides: list[str]) -> list[str]:

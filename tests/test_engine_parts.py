@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from unidml.config import PRECISIONS, load_config
+from unidml.config import PRECISIONS, load_config, to_yaml
 from unidml.data_pipeline.dataset import DatasetDescription, ImageSet
 from unidml.engine.backends import StepOutcome
 from unidml.engine.evaluator import eval_pair
@@ -17,8 +17,10 @@ from unidml.engine.meter import StepMeter
 from unidml.engine.run_record import RunRecord
 from unidml.errors import UserError
 from unidml.runtime import collectives
+from unidml.runtime import precision as precision_module
 from unidml.runtime.device import choose_device
-from unidml.runtime.precision import DTYPES, Precision, precision_of
+from unidml.runtime.precision import DTYPES, Precision, precision_of, resolve_precision, settle_precision
+from unidml.study.compare import run_state
 
 
 def test_precision_names_dtypes_and_autocast():
@@ -34,6 +36,28 @@ def test_precision_names_dtypes_and_autocast():
     assert precision_of(load_config(None, ["engine.precision=fp16"])) == Precision("fp16")
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, got 'fp8'"):
         Precision("fp8")
+
+
+@pytest.mark.parametrize("native, device, expected", [
+    (True, "cpu", "bf16"), (False, "cpu", "fp32"), (True, "cuda", "bf16"), (False, "cuda", "fp16")])
+def test_auto_precision_picks_bf16_only_where_it_is_native(monkeypatch, native, device, expected):
+    monkeypatch.setattr(precision_module, "native_bf16", lambda dev: native)
+    assert resolve_precision("auto", device) == expected
+    assert [resolve_precision(name, device) for name in PRECISIONS] == list(PRECISIONS)  # explicit names stay
+
+
+def test_settled_config_is_concrete_and_warns_on_emulated_bf16(monkeypatch, caplog, tmp_path):
+    monkeypatch.setattr(precision_module, "native_bf16", lambda dev: False)
+    auto = load_config(None, ["engine.precision=auto", "engine.device=cpu"])
+    settled = settle_precision(auto)
+    assert settled.engine.precision == "fp32" and auto.engine.precision == "auto"  # the caller's config is kept
+    assert not caplog.records
+    # A study's run directory stores the settled config: the same `auto` config still matches it.
+    (tmp_path / "config.yaml").write_text(to_yaml(settled))
+    assert run_state(tmp_path, auto) == "partial"
+    explicit = load_config(None, ["engine.precision=bf16", "engine.device=cpu"])
+    assert settle_precision(explicit).engine.precision == "bf16"  # asked for explicitly: kept, with a warning
+    assert "engine.precision=bf16 on a CPU without bf16 kernels" in caplog.text
 
 
 def test_device_choice():

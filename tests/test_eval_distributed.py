@@ -213,7 +213,8 @@ def test_evaluate_model_single_process_eval_mode_autocast_and_restores_training(
     assert_case_equal(got, fp32, "fp32")
     assert model.training and set(model.seen) == {(False, False)}
     model.seen.clear()
-    bf16 = evaluate_model(model, loader(x, labels, np.arange(len(x))), ks=KS, metrics=METRICS, device="cpu")
+    bf16 = evaluate_model(model, loader(x, labels, np.arange(len(x))), ks=KS, metrics=METRICS, device="cpu",
+                          precision="bf16")
     assert set(model.seen) == {(False, True)} and model.training
     # Under bf16 autocast the (exact, see AutocastRecorder) output is rounded once to bf16: relative
     # error at most 2^-8 (8-bit significand, round to nearest), and the metrics are exactly those of

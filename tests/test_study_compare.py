@@ -70,10 +70,12 @@ def test_a_directory_of_another_config_is_refused(tmp_path):
     with pytest.raises(UserError, match="holds a run with a different config"):
         run_state(run.run_dir, run.cfg)
     from unidml.config import to_yaml
-    (run.run_dir / "config.yaml").write_text(to_yaml(other.cfg))
+    from unidml.runtime.precision import settle_precision
+    # A run stores its config with `engine.precision: auto` resolved (the Trainer settles it).
+    (run.run_dir / "config.yaml").write_text(to_yaml(settle_precision(other.cfg)))
     with pytest.raises(UserError, match=rf"train.epochs: 5 -> {run.cfg.train.epochs}\b"):
         run_state(run.run_dir, run.cfg)
-    (run.run_dir / "config.yaml").write_text(to_yaml(run.cfg))
+    (run.run_dir / "config.yaml").write_text(to_yaml(settle_precision(run.cfg)))
     assert run_state(run.run_dir, run.cfg) == "partial"
     (run.run_dir / "metrics.json").write_text(json.dumps({"epochs": [{"epoch": 0}, {"epoch": 12}]}))
     assert run_state(run.run_dir, run.cfg) == "done"

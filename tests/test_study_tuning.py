@@ -14,7 +14,7 @@ import optuna
 from unidml.study.compare import LossPlan
 from unidml.study.runs import RunResult
 from unidml.study.search_space import Dimension, suggest
-from unidml.study.tuning import FAILURE, LossStudies, StudySettings, _tell
+from unidml.study.tuning import FAILURE, LossStudies, StudySettings, _tell, report_and_check
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -80,6 +80,28 @@ def test_failed_and_pruned_trials_are_told_as_such(tmp_path):
     assert pruned.state == optuna.trial.TrialState.PRUNED
     assert complete.value == 60.0  # the trained epoch, not the untrained epoch 0's 90
     assert studies.best("cross_entropy").number == complete.number
+
+
+def test_the_median_rule_stops_a_trial_before_its_last_epoch_not_at_it(tmp_path):
+    settings = StudySettings(out=tmp_path, trials=4, seeds=1, prune_startup_trials=2, prune_after_epochs=1)
+    studies = LossStudies(settings, [LossPlan("cross_entropy", "test", {}, DIMS)], f"sqlite:///{tmp_path / 's.db'}")
+    study = studies.studies["cross_entropy"]
+
+    def epoch(k: int, recall: float) -> dict:
+        return {"epoch": k, "splits": {"val": {"recall@1": recall}}}
+
+    for slot in range(2):  # two completed trials scoring 80 at epochs 1-3
+        trial = studies.start_trial("cross_entropy", slot)
+        suggest(trial, DIMS)
+        assert not any(report_and_check(trial, epoch(k, 80.0), 3, "recall@1") for k in (1, 2, 3))
+        study.tell(trial, 80.0)
+    worse = studies.start_trial("cross_entropy", 2)
+    suggest(worse, DIMS)
+    assert report_and_check(worse, epoch(1, 20.0), 3, "recall@1")  # below the median at epoch 1 of 3: stop
+    last = studies.start_trial("cross_entropy", 3)
+    suggest(last, DIMS)
+    assert not report_and_check(last, epoch(3, 20.0), 3, "recall@1")  # as low, but at its last epoch: finish
+    assert last.should_prune()  # the median rule alone would have stopped it there
 
 
 # ------------------------------------------------------------------ end to end (subprocesses)

@@ -12,6 +12,7 @@ The `loss` section is open (each loss has its own parameters); the loss registry
 from unidml.config.loading import load_config, load_config_text, parse_override, to_yaml
 from unidml.config.rules import CHOICES, POSITIVE, VALUE_RULES, RuntimeEnv, check_runtime, validate
 from unidml.config.schema import (
+    AUTO_PRECISION,
     EVAL_METRICS,
     MAX_PIXELS_LIMIT,
     METRICS,
@@ -27,7 +28,7 @@ from unidml.config.schema import (
 )
 
 __all__ = [
-    "CHOICES", "EVAL_METRICS", "MAX_PIXELS_LIMIT", "METRICS", "POSITIVE", "PRECISIONS", "VALUE_RULES",
+    "AUTO_PRECISION", "CHOICES", "EVAL_METRICS", "MAX_PIXELS_LIMIT", "METRICS", "POSITIVE", "PRECISIONS", "VALUE_RULES",
     "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "ModelConfig", "RunConfig", "RuntimeEnv",
     "SyntheticConfig", "TrainConfig", "check_runtime", "load_config", "load_config_text", "parse_override",
     "to_yaml", "validate",

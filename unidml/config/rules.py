@@ -8,7 +8,7 @@ from typing import Any, Callable, Protocol
 
 from omegaconf import DictConfig, OmegaConf
 
-from unidml.config.schema import EVAL_METRICS, MAX_PIXELS_LIMIT, METRICS, PRECISIONS, ConfigError
+from unidml.config.schema import AUTO_PRECISION, EVAL_METRICS, MAX_PIXELS_LIMIT, METRICS, PRECISIONS, ConfigError
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("sop", "inshop", "cub", "cars", "list", "folder", "synthetic"),
@@ -19,7 +19,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.pooling": ("auto", "avg", "gem", "cls"),
     "train.optimizer": ("sgd", "adamw"),
     "engine.backend": ("single", "ddp", "deepspeed"),
-    "engine.precision": PRECISIONS,
+    "engine.precision": (*PRECISIONS, AUTO_PRECISION),
     "engine.device": ("auto", "cpu", "cuda"),
     "eval.metric": METRICS,
     "eval.split": ("test", "val"),

@@ -14,6 +14,8 @@ from unidml.errors import UserError
 # numeric precisions (engine.precision; their dtypes are in `unidml.runtime.precision`).
 METRICS: tuple[str, ...] = ("cosine", "euclidean")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+# engine.precision may also be `auto` (resolved on the device by `unidml.runtime.precision`).
+AUTO_PRECISION = "auto"
 # Retrieval metrics `eval.metrics` may name (computed in `unidml.evaluation.metrics`).
 EVAL_METRICS: tuple[str, ...] = ("recall", "map_at_r", "r_precision", "map", "mrr", "nmi")
 # The largest image accepted (`data.max_pixels`): PIL's decompression-bomb limit, 2 x
@@ -97,7 +99,7 @@ class TrainConfig:
 @dataclass
 class EngineConfig:
     backend: str = "single"
-    precision: str = "bf16"
+    precision: str = AUTO_PRECISION
     embed_chunks: int = 1
     max_skipped_steps: int = 10
     profile: bool = False

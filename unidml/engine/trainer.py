@@ -37,6 +37,7 @@ from unidml.engine.train_step import TrainStep
 from unidml.errors import UserError
 from unidml.losses import build_loss_from_config
 from unidml.models import build_model
+from unidml.runtime.precision import settle_precision
 from unidml.seeding import derived_seed, seed_everything
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path, env: DistEnv) -> None:
         check_runtime(cfg, env)
         self.run_log = RunLog(env.is_main)  # from here on, what the run logs also goes to RUN_DIR/train.log
+        cfg = settle_precision(cfg)
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
         self.device = env.device
         seed_everything(cfg.train.seed)

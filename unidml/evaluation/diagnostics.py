@@ -130,7 +130,7 @@ def diagnostic_sample(train_set: Any, max_images: int = 1024, seed: int = 0) -> 
 
 def mi_diagnostics(model: torch.nn.Module, loss: torch.nn.Module, loader: Iterable, class_prior: np.ndarray, *,
                    metric: str = "cosine", temperature: float = 0.05, device: torch.device | str = "cpu",
-                   precision: str = "bf16") -> dict[str, float]:
+                   precision: str = "auto") -> dict[str, float]:
     """Embed `loader` (eval mode) and return the neighbour diagnostics, plus the classifier ones when
     the loss has a classifier (`loss.logits(z)`). Keys as in the module docstring."""
     emb = extract_embeddings(model, loader, device=device, precision=precision, normalize=False)

@@ -40,7 +40,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 @torch.no_grad()
 def extract_embeddings(model: torch.nn.Module, loader: Iterable, *, device: torch.device | str,
-                       precision: Precision | str = "bf16", normalize: bool = True) -> Embeddings:
+                       precision: Precision | str = "auto", normalize: bool = True) -> Embeddings:
     """Embed every `(images, labels, indices)` batch of `loader` in eval mode under `precision`'s autocast.
 
     A plain `(images, labels)` loader (e.g. a torch DataLoader over an ImageFolder, in one process) is
@@ -48,7 +48,7 @@ def extract_embeddings(model: torch.nn.Module, loader: Iterable, *, device: torc
     global index once (a repeated index, e.g. sampler padding, keeps its first occurrence). The model's
     training mode is restored. Rank 0 shows a progress bar on a terminal.
     """
-    precision = as_precision(precision)
+    precision = as_precision(precision, device)
     device = torch.device(device)
     net = _unwrap(model)
     was_training = net.training
@@ -119,7 +119,7 @@ def _check_sizes(queries: int, gallery: int | None, unreadable: int) -> None:
 def evaluate_model(model: torch.nn.Module, query_loader: Iterable, gallery_loader: Iterable | None = None, *,
                    ks: Sequence[int] = DEFAULT_KS, metrics: Sequence[str] = DEFAULT_METRICS,
                    metric: str = "cosine", memory_budget_mb: float = 1024, device: torch.device | str = "cpu",
-                   precision: Precision | str = "bf16",
+                   precision: Precision | str = "auto",
                    names: tuple[str, str] = ("the query", "the gallery")) -> dict[str, float]:
     """Retrieval metrics of `model` (percent; see `retrieval_metrics` for the keys).
 

@@ -1,17 +1,25 @@
 """Numeric precision of a run (`engine.precision`): its dtype, its autocast context, its loss scaler.
 
 `precision_of(cfg)` is the one place that reads `engine.precision`; everything else receives the
-`Precision` it returns (or its name).
+`Precision` it returns (or its name). `auto` is resolved here, once, from the device: bf16 where the
+device computes it natively, else fp16 on CUDA and fp32 on a CPU. A CPU without AVX-512 (an AVX2-only
+AMD EPYC, say) has no oneDNN bf16 kernels: there autocast emulates bf16 and the quickstart's training step
+is about 8x slower than in fp32 (docs/benchmarks.md, "Precision on the CPU").
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, ContextManager
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from unidml.config import PRECISIONS
+from unidml.config import AUTO_PRECISION, PRECISIONS
+from unidml.runtime.device import choose_device
+
+log = logging.getLogger(__name__)
 
 # The dtype each precision name computes in.
 DTYPES: dict[str, torch.dtype] = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16, torch.float16), strict=True))
@@ -42,11 +50,42 @@ class Precision:
         return torch.amp.GradScaler(device.type, enabled=self.name == "fp16")
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` computes bf16 at full speed: a CUDA device with bf16 support, or a CPU for which
+    oneDNN has bf16 kernels (AVX-512 and newer)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(name: str, device: torch.device | str) -> str:
+    """A concrete precision name: `name` itself, or for `auto` the fastest safe one on `device`."""
+    if name != AUTO_PRECISION:
+        return name
+    if native_bf16(device):
+        return "bf16"
+    return "fp16" if torch.device(device).type == "cuda" else "fp32"
+
+
 def precision_of(cfg: Any) -> Precision:
-    """The precision a run config asks for (`engine.precision`)."""
-    return Precision(str(cfg.engine.precision))
+    """The precision a run config asks for (`engine.precision`, `auto` resolved on `engine.device`)."""
+    device = choose_device(str(cfg.engine.device)).type
+    return Precision(resolve_precision(str(cfg.engine.precision), device))
 
 
-def as_precision(value: Precision | str) -> Precision:
-    """A `Precision` from itself or its name (library functions accept both)."""
-    return value if isinstance(value, Precision) else Precision(value)
+def settle_precision(cfg: DictConfig) -> DictConfig:
+    """A copy of a run config with `engine.precision` concrete, as the run stores it (config.yaml,
+    checkpoints), so that a resumed or re-evaluated run computes as it trained. Warns when bf16 is
+    asked for on a CPU that only emulates it."""
+    name = precision_of(cfg).name
+    device = choose_device(str(cfg.engine.device)).type
+    if name == "bf16" and device == "cpu" and not native_bf16(device):
+        log.warning("engine.precision=bf16 on a CPU without bf16 kernels (no AVX-512): emulated, about 8x "
+                    "slower than fp32; engine.precision=auto picks fp32 here")
+    return OmegaConf.merge(cfg, {"engine": {"precision": name}})
+
+
+def as_precision(value: Precision | str, device: torch.device | str = "cpu") -> Precision:
+    """A `Precision` from itself or its name, `auto` resolved on `device` (library functions accept both)."""
+    return value if isinstance(value, Precision) else Precision(resolve_precision(value, device))

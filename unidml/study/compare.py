@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from unidml.config import load_config_text, to_yaml
 from unidml.errors import UserError
-from unidml.runtime.precision import precision_of
+from unidml.runtime.precision import precision_of, settle_precision
 from unidml.study.search_space import Dimension, parse_search, with_values
 
 ALIASES = {"ce": "cross_entropy", "xent": "cross_entropy", "ms": "multi_similarity"}
@@ -175,7 +175,7 @@ def run_state(run_dir: Path, cfg: DictConfig) -> str:
     if not stored.is_file():
         return "new"
     old = yaml.safe_load(stored.read_text())
-    new = yaml.safe_load(to_yaml(cfg))
+    new = yaml.safe_load(to_yaml(settle_precision(cfg)))
     if old != new:
         raise UserError(f"{run_dir}: holds a run with a different config ({_first_difference(old, new)}); "
                         f"use another --out")

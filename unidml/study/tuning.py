@@ -4,7 +4,8 @@ Protocol (Musgrave et al., *A Metric Learning Reality Check*, ECCV 2020): every 
 budget, N trials of E epochs on the training classes, scored on the class-disjoint validation split
 (the best trained epoch's val Recall@1, or MAP@R); the test split is not evaluated while tuning.
 TPE draws each trial's values from the loss's `search:` space; the median rule stops a trial whose
-val score at an epoch falls below the median of the completed trials at that epoch. The best
+val score at an epoch before its last falls below the median of the completed trials at that epoch
+(at the last epoch stopping saves nothing, so the trial completes). The best
 completed trial's setting is then retrained for the full epochs with seeds 0..S-1 and reported on
 test, at the epoch each retraining selects on val.
 
@@ -154,6 +155,17 @@ def open_storage(url: str, attempts: int = 20) -> tuple[optuna.storages.RDBStora
             break
     message = str(error).splitlines()[0] if str(error) else ""
     raise UserError(f"--storage {url}: cannot open the study database ({type(error).__name__}: {message})") from None
+
+
+def report_and_check(trial: optuna.Trial, entry: dict, last_epoch: int, objective: str) -> bool:
+    """Report an evaluated epoch's val score to `trial`; whether the median rule stops the trial now.
+    The last epoch is only reported: stopping there saves no training and would drop a finished trial
+    from the choice."""
+    epoch = entry["epoch"]
+    value = objective_value(entry, VAL, objective)
+    if math.isfinite(value):
+        trial.report(value, epoch)
+    return epoch < last_epoch and trial.should_prune()
 
 
 class LossStudies:
@@ -352,12 +364,7 @@ class StudyWorker:
             epoch = entry["epoch"]
             if epoch < 1:
                 return
-            stop = False
-            if env.is_main:
-                value = objective_value(entry, VAL, s.objective)
-                if math.isfinite(value):
-                    trial.report(value, epoch)
-                stop = trial.should_prune()
+            stop = env.is_main and report_and_check(trial, entry, cfg.train.epochs, s.objective)
             if _broadcast(stop, env):
                 raise Pruned(f"epoch {epoch}")
 

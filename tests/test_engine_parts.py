@@ -19,7 +19,14 @@ from unidml.errors import UserError
 from unidml.runtime import collectives
 from unidml.runtime import precision as precision_module
 from unidml.runtime.device import choose_device
-from unidml.runtime.precision import DTYPES, Precision, precision_of, resolve_precision, settle_precision
+from unidml.runtime.precision import (
+    DTYPES,
+    Precision,
+    precision_of,
+    resolve_precision,
+    settle_precision,
+    warn_if_emulated,
+)
 from unidml.study.compare import run_state
 
 
@@ -51,12 +58,14 @@ def test_settled_config_is_concrete_and_warns_on_emulated_bf16(monkeypatch, capl
     auto = load_config(None, ["engine.precision=auto", "engine.device=cpu"])
     settled = settle_precision(auto)
     assert settled.engine.precision == "fp32" and auto.engine.precision == "auto"  # the caller's config is kept
-    assert not caplog.records
     # A study's run directory stores the settled config: the same `auto` config still matches it.
     (tmp_path / "config.yaml").write_text(to_yaml(settled))
     assert run_state(tmp_path, auto) == "partial"
+    warn_if_emulated(precision_of(settled), "cpu")
+    assert not caplog.records
     explicit = load_config(None, ["engine.precision=bf16", "engine.device=cpu"])
     assert settle_precision(explicit).engine.precision == "bf16"  # asked for explicitly: kept, with a warning
+    warn_if_emulated(precision_of(explicit), "cpu")
     assert "engine.precision=bf16 on a CPU without bf16 kernels" in caplog.text
 
 

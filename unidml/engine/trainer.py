@@ -37,7 +37,7 @@ from unidml.engine.train_step import TrainStep
 from unidml.errors import UserError
 from unidml.losses import build_loss_from_config
 from unidml.models import build_model
-from unidml.runtime.precision import settle_precision
+from unidml.runtime.precision import precision_of, settle_precision, warn_if_emulated
 from unidml.seeding import derived_seed, seed_everything
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Trainer:
         check_runtime(cfg, env)
         self.run_log = RunLog(env.is_main)  # from here on, what the run logs also goes to RUN_DIR/train.log
         cfg = settle_precision(cfg)
+        warn_if_emulated(precision_of(cfg), env.device)
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
         self.device = env.device
         seed_everything(cfg.train.seed)

@@ -76,14 +76,16 @@ def precision_of(cfg: Any) -> Precision:
 
 def settle_precision(cfg: DictConfig) -> DictConfig:
     """A copy of a run config with `engine.precision` concrete, as the run stores it (config.yaml,
-    checkpoints), so that a resumed or re-evaluated run computes as it trained. Warns when bf16 is
-    asked for on a CPU that only emulates it."""
-    name = precision_of(cfg).name
-    device = choose_device(str(cfg.engine.device)).type
-    if name == "bf16" and device == "cpu" and not native_bf16(device):
+    checkpoints), so that a resumed or re-evaluated run computes as it trained."""
+    return OmegaConf.merge(cfg, {"engine": {"precision": precision_of(cfg).name}})
+
+
+def warn_if_emulated(precision: Precision, device: torch.device | str) -> None:
+    """One warning line when a run computes bf16 on a CPU that only emulates it (asked for explicitly:
+    `auto` never picks it there)."""
+    if precision.name == "bf16" and torch.device(device).type == "cpu" and not native_bf16(device):
         log.warning("engine.precision=bf16 on a CPU without bf16 kernels (no AVX-512): emulated, about 8x "
                     "slower than fp32; engine.precision=auto picks fp32 here")
-    return OmegaConf.merge(cfg, {"engine": {"precision": name}})
 
 
 def as_precision(value: Precision | str, device: torch.device | str = "cpu") -> Precision:

@@ -24,6 +24,11 @@ def _one_line(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: key '{key}': {msg}")
 
 
+# A recipe variant's search space (configs/pairwise/<loss>.yaml), read only by `unidml compare --trials`:
+# a run trains at the values the file sets, so `unidml train --config BASE --config VARIANT` works as is.
+STUDY_SECTION = "search"
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -156,7 +161,17 @@ def load_config(paths: str | Path | Sequence[str | Path] | None, overrides: Iter
         paths = []
     elif isinstance(paths, (str, Path)):
         paths = [paths]
-    return _build([(_read_yaml(Path(p)), str(p)) for p in paths], overrides, validate_loss, validate_model)
+    return _build([(_run_sections(_read_yaml(Path(p)), str(p)), str(p)) for p in paths], overrides,
+                  validate_loss, validate_model)
+
+
+def _run_sections(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A file's sections without the study's `search:` space (logged, so the dropped ranges are visible)."""
+    if STUDY_SECTION not in data:
+        return data
+    logging.getLogger(__name__).info("%s: its 'search:' section is only read by unidml compare --trials; "
+                                     "training uses the values the file sets", source)
+    return {key: value for key, value in data.items() if key != STUDY_SECTION}
 
 
 def load_config_text(text: str, source: str, overrides: Iterable[str] = (),

@@ -17,6 +17,7 @@ from unidml.config.schema import (
     MAX_PIXELS_LIMIT,
     METRICS,
     PRECISIONS,
+    STUDY_SECTION,
     ConfigError,
     DataConfig,
     EngineConfig,
@@ -28,7 +29,8 @@ from unidml.config.schema import (
 )
 
 __all__ = [
-    "AUTO_PRECISION", "CHOICES", "EVAL_METRICS", "MAX_PIXELS_LIMIT", "METRICS", "POSITIVE", "PRECISIONS", "VALUE_RULES",
+    "AUTO_PRECISION", "CHOICES", "EVAL_METRICS", "MAX_PIXELS_LIMIT", "METRICS", "POSITIVE", "PRECISIONS",
+    "STUDY_SECTION", "VALUE_RULES",
     "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "ModelConfig", "RunConfig", "RuntimeEnv",
     "SyntheticConfig", "TrainConfig", "check_runtime", "load_config", "load_config_text", "parse_override",
     "to_yaml", "validate",

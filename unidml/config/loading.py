@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from unidml.config.rules import validate
-from unidml.config.schema import ConfigError, RunConfig
+from unidml.config.schema import STUDY_SECTION, ConfigError, RunConfig
 from unidml.errors import UserError
 
 
@@ -22,11 +22,6 @@ def _one_line(exc: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or "?"
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return ConfigError(f"{source}: key '{key}': {msg}")
-
-
-# A recipe variant's search space (configs/pairwise/<loss>.yaml), read only by `unidml compare --trials`:
-# a run trains at the values the file sets, so `unidml train --config BASE --config VARIANT` works as is.
-STUDY_SECTION = "search"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

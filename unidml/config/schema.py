@@ -17,6 +17,9 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 # engine.precision may also be `auto` (resolved on the device by `unidml.runtime.precision`).
 AUTO_PRECISION = "auto"
 # Retrieval metrics `eval.metrics` may name (computed in `unidml.evaluation.metrics`).
+# A recipe variant's search space (configs/pairwise/<loss>.yaml), read only by `unidml compare --trials`;
+# a run trains at the values the file sets, so `unidml train --config BASE --config VARIANT` drops it.
+STUDY_SECTION = "search"
 EVAL_METRICS: tuple[str, ...] = ("recall", "map_at_r", "r_precision", "map", "mrr", "nmi")
 # The largest image accepted (`data.max_pixels`): PIL's decompression-bomb limit, 2 x
 # PIL.Image.MAX_IMAGE_PIXELS, above which PIL refuses to open a file, so the limit means the same

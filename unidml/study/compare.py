@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import yaml
 from omegaconf import DictConfig
 
-from unidml.config import load_config_text, to_yaml
+from unidml.config import STUDY_SECTION, load_config_text, to_yaml
 from unidml.errors import UserError
 from unidml.runtime.precision import precision_of, settle_precision
 from unidml.study.search_space import Dimension, parse_search, with_values
@@ -25,7 +25,7 @@ from unidml.study.search_space import Dimension, parse_search, with_values
 ALIASES = {"ce": "cross_entropy", "xent": "cross_entropy", "ms": "multi_similarity"}
 DEFAULT_LOSSES = "ce,contrastive,triplet,multi_similarity,snca,pce"
 REPO_VARIANTS = Path(__file__).resolve().parents[2] / "configs" / "pairwise"
-VARIANT_SECTIONS = {"loss", "data", "search"}
+VARIANT_SECTIONS = {"loss", "data", STUDY_SECTION}
 MEMORY_SUFFIX = "+xbm"  # a pairwise loss with cross-batch memory (unidml.losses.xbm)
 OBJECTIVES = ("recall@1", "map@r")  # validation metrics a study can tune and select by
 
@@ -141,7 +141,7 @@ def plan_losses(config: str | Path, losses: Sequence[str], overrides: Sequence[s
         mapping = apply_variant(base, loss, variant)
         plan = LossPlan(loss, f"{config} [{loss}]", mapping, (), tuple(overrides), cross_rank)
         plan.config(0)
-        dims = parse_search(variant.get("search"), str(path), lambda values, p=plan: p.config(0, values))
+        dims = parse_search(variant.get(STUDY_SECTION), str(path), lambda values, p=plan: p.config(0, values))
         clash = sorted({item.split("=", 1)[0].strip() for item in overrides} & {d.key for d in dims})
         if clash and tuned:
             raise UserError(f"--set {clash[0]}: is searched for loss '{loss}' (search.{clash[0]} in {path}); "

@@ -9,7 +9,7 @@ import yaml
 from unidml.engine.trainer import Trainer
 from unidml.errors import UserError
 from unidml.launcher.cli import main
-from unidml.study.compare import parse_losses, plan_study, run_state
+from unidml.study.compare import REPO_VARIANTS, parse_losses, plan_study, run_state
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -29,7 +29,7 @@ def test_loss_names_aliases_and_errors():
         parse_losses("ce,no_such_loss")
 
 
-def test_plan_swaps_only_the_loss_and_sampler(tmp_path):
+def test_plan_swaps_only_the_loss_sampler_and_head(tmp_path):
     plan = plan_study(QUICKSTART, ["cross_entropy", "triplet"], 2, tmp_path, ["train.epochs=3"])
     assert [(r.loss, r.seed, r.run_dir) for r in plan] == [
         ("cross_entropy", 0, tmp_path / "cross_entropy" / "seed0"),
@@ -38,12 +38,16 @@ def test_plan_swaps_only_the_loss_and_sampler(tmp_path):
     ce, triplet = plan[0].cfg, plan[2].cfg
     base = yaml.safe_load(QUICKSTART.read_text())
     assert dict(ce.loss) == base["loss"] and ce.data.sampler == "random"
-    assert dict(triplet.loss) == {"name": "triplet", "margin": 0.2, "mining": "semi_hard", "distance": "euclidean",
+    assert dict(triplet.loss) == {"name": "triplet", "margin": 0.1, "mining": "all", "distance": "euclidean",
                                   "normalize": True}
     assert (triplet.data.sampler, triplet.data.m_per_class) == ("m_per_class", 4)
+    contrastive = plan_study(QUICKSTART, ["contrastive"], 1, tmp_path)[0].cfg
+    assert yaml.safe_load((REPO_VARIANTS / "contrastive.yaml").read_text())["model"] == {"feature_bn": True}
+    assert ce.model.feature_bn is False and dict(contrastive.model) == {**ce.model, "feature_bn": True}
     for run in plan:
         assert (run.cfg.train.epochs, run.cfg.train.seed, run.cfg.train.resume) == (3, run.seed, "auto")
-        assert (run.cfg.model, run.cfg.train.lr, run.cfg.data.image_size) == (ce.model, ce.train.lr, ce.data.image_size)
+        assert (run.cfg.model.arch, run.cfg.train.lr, run.cfg.data.image_size) == (
+            ce.model.arch, ce.train.lr, ce.data.image_size)
     distributed = plan_study(QUICKSTART, ["cross_entropy", "snca"], 1, tmp_path, cross_rank=True)
     assert "cross_rank" not in distributed[0].cfg.loss and distributed[1].cfg.loss.cross_rank is True
 
@@ -52,7 +56,7 @@ def test_bad_variant_and_bad_override_fail_before_training(tmp_path):
     variants = tmp_path / "variants"
     variants.mkdir()
     (variants / "snca.yaml").write_text("loss: {name: snca}\ntrain: {lr: 1.0}\n")
-    with pytest.raises(UserError, match="snca.yaml: a variant holds only 'loss'.*'data' and 'search'"):
+    with pytest.raises(UserError, match="snca.yaml: a variant holds only 'loss'.*'data', 'model' and 'search'"):
         plan_study(QUICKSTART, ["snca"], 1, tmp_path, variants=variants)
     with pytest.raises(UserError, match="contrastive.yaml: recipe variant of loss 'contrastive' not found"):
         plan_study(QUICKSTART, ["contrastive"], 1, tmp_path, variants=variants)

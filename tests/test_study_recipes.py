@@ -59,13 +59,16 @@ def test_every_loss_variant_validates_on_every_recipe(name, tmp_path):
     assert {"cross_entropy", "contrastive", "triplet", "multi_similarity", "snca", "supcon", "pce"} <= set(losses)
     assert set(losses) <= set(LOSSES)
     plan = plan_study(CONFIGS / f"{name}.yaml", losses, 1, tmp_path)
-    base_train = OmegaConf.to_container(load_config(CONFIGS / f"{name}.yaml").train)
+    base = load_config(CONFIGS / f"{name}.yaml")
+    base_train, base_model = OmegaConf.to_container(base.train), OmegaConf.to_container(base.model)
     for run in plan:
         variant = yaml.safe_load((REPO_VARIANTS / f"{run.loss}.yaml").read_text())
+        own = run.loss == base.loss.name  # the base config's own loss keeps its sections
         assert run.cfg.loss.name == run.loss
         assert run.cfg.data.sampler == ("random" if run.loss == "cross_entropy" else variant["data"]["sampler"])
         assert OmegaConf.to_container(run.cfg.train) == {**base_train, "seed": 0, "resume": "auto"}
-        assert (run.cfg.model, run.cfg.eval) == (plan[0].cfg.model, plan[0].cfg.eval)
+        assert OmegaConf.to_container(run.cfg.model) == {**base_model, **({} if own else variant.get("model", {}))}
+        assert run.cfg.eval == plan[0].cfg.eval
 
 
 @pytest.mark.timeout(240)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import yaml
 
 from unidml.study.compare import LossPlan
 from unidml.study.runs import RunResult
@@ -22,6 +23,11 @@ DIMS = (Dimension("train.lr", 1e-3, 1e-1, log=True), Dimension("loss.label_smoot
         Dimension("data.m_per_class", choices=(2, 4, 8)))
 
 
+def recipe_plan(dims=DIMS) -> LossPlan:
+    """CE on the quickstart config (train.lr 0.1, label smoothing 0.1) searched over `dims`."""
+    return LossPlan("cross_entropy", str(QUICKSTART), yaml.safe_load(QUICKSTART.read_text()), dims)
+
+
 def score(values) -> float:
     """A deterministic objective with its optimum inside the space."""
     lr, smoothing, m = values["train.lr"], values["loss.label_smoothing"], values["data.m_per_class"]
@@ -32,7 +38,7 @@ def drive(tmp_path, name, stop_at=None, stale_after=600.0):
     """Run the trial tasks of one loss as a worker would (the objective instead of training); stop
     mid-trial `stop_at` (drawn, never told: a killed worker). Returns the drawn values by slot."""
     settings = StudySettings(out=tmp_path, trials=6, seeds=1, startup_trials=2)
-    plan = LossPlan("cross_entropy", "test", {}, DIMS)
+    plan = recipe_plan()
     studies = LossStudies(settings, [plan], f"sqlite:///{tmp_path / name}", stale_after=stale_after)
     drawn = {}
     while (task := studies.next_task()) is not None and task.kind == "trial":
@@ -61,9 +67,32 @@ def test_a_resumed_study_draws_what_an_uninterrupted_one_draws(tmp_path):
     assert again.best("cross_entropy").params == max(straight.values(), key=score)
 
 
+def test_trial_0_trains_the_recipe_setting_where_the_space_contains_it(tmp_path):
+    narrow_lr = Dimension("train.lr", 1e-3, 1e-2, log=True)  # the recipe's 0.1 lies outside: left to TPE
+    plan = recipe_plan((narrow_lr, *DIMS[1:]))
+    studies = LossStudies(StudySettings(out=tmp_path, trials=3, seeds=1), [plan], f"sqlite:///{tmp_path / 's.db'}")
+    m_per_class = plan.config(0).data.m_per_class
+    assert studies.recipe_values("cross_entropy") == {"loss.label_smoothing": 0.1, "data.m_per_class": m_per_class}
+    first = suggest(studies.start_trial("cross_entropy", 0), plan.dims)
+    assert (first["loss.label_smoothing"], first["data.m_per_class"]) == (0.1, m_per_class)
+    assert 1e-3 <= first["train.lr"] <= 1e-2
+    second = suggest(studies.start_trial("cross_entropy", 1), plan.dims)
+    assert second["loss.label_smoothing"] != 0.1  # later trials are drawn
+
+
+def test_a_dimension_contains_its_choices_and_its_range_on_its_step():
+    assert Dimension("a.b", choices=(2, 4)).contains(4) and not Dimension("a.b", choices=(2, 4)).contains(3)
+    assert not Dimension("a.b", choices=(False, True)).contains(0)  # a bool choice is not an int
+    assert Dimension("a.b", 0.0, 1.0).contains(1.0) and not Dimension("a.b", 0.0, 1.0).contains(1.5)
+    assert not Dimension("a.b", 0.0, 1.0).contains(True)
+    assert Dimension("a.b", 1, 9, integer=True, step=2).contains(5)
+    assert not Dimension("a.b", 1, 9, integer=True, step=2).contains(4)
+    assert not Dimension("a.b", 1, 9, integer=True).contains(2.5)
+
+
 def test_failed_and_pruned_trials_are_told_as_such(tmp_path):
     settings = StudySettings(out=tmp_path, trials=3, seeds=1)
-    studies = LossStudies(settings, [LossPlan("cross_entropy", "test", {}, DIMS)], f"sqlite:///{tmp_path / 's.db'}")
+    studies = LossStudies(settings, [recipe_plan()], f"sqlite:///{tmp_path / 's.db'}")
     study = studies.studies["cross_entropy"]
     healthy = [{"epoch": 0, "splits": {"val": {"recall@1": 90.0}}}, {"epoch": 1, "train_loss": 1.0,
                                                                       "splits": {"val": {"recall@1": 60.0}}}]
@@ -84,7 +113,7 @@ def test_failed_and_pruned_trials_are_told_as_such(tmp_path):
 
 def test_the_median_rule_stops_a_trial_before_its_last_epoch_not_at_it(tmp_path):
     settings = StudySettings(out=tmp_path, trials=4, seeds=1, prune_startup_trials=2, prune_after_epochs=1)
-    studies = LossStudies(settings, [LossPlan("cross_entropy", "test", {}, DIMS)], f"sqlite:///{tmp_path / 's.db'}")
+    studies = LossStudies(settings, [recipe_plan()], f"sqlite:///{tmp_path / 's.db'}")
     study = studies.studies["cross_entropy"]
 
     def epoch(k: int, recall: float) -> dict:

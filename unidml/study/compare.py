@@ -1,10 +1,11 @@
 """Planning the loss comparison: which config each run of the study trains, and whether it already ran.
 
 Each loss gets the base config with its recipe variant swapped in (`configs/pairwise/<loss>.yaml`:
-the loss's published defaults, the m-per-class sampler, and the `search:` space its tuning draws
-from); model, data, epochs and evaluation stay the base config's, then the user's `--set`
-overrides apply to every run. A run is an ordinary run directory; one whose metrics reach its
-last epoch with the same resolved config is never retrained, an interrupted one resumes.
+the loss's published defaults, the m-per-class sampler, its embedding head where it sets one, and
+the `search:` space its tuning draws from); the rest of model and data, epochs and evaluation stay
+the base config's, then the user's `--set` overrides apply to every run. A run is an ordinary run
+directory; one whose metrics reach its last epoch with the same resolved config is never retrained,
+an interrupted one resumes.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from unidml.study.search_space import Dimension, parse_search, with_values
 ALIASES = {"ce": "cross_entropy", "xent": "cross_entropy", "ms": "multi_similarity"}
 DEFAULT_LOSSES = "ce,contrastive,triplet,multi_similarity,snca,pce"
 REPO_VARIANTS = Path(__file__).resolve().parents[2] / "configs" / "pairwise"
-VARIANT_SECTIONS = {"loss", "data", STUDY_SECTION}
+VARIANT_SECTIONS = {"loss", "data", "model", STUDY_SECTION}
 MEMORY_SUFFIX = "+xbm"  # a pairwise loss with cross-batch memory (unidml.losses.xbm)
 OBJECTIVES = ("recall@1", "map@r")  # validation metrics a study can tune and select by
 
@@ -113,18 +114,21 @@ def _variant(loss: str, variants: Path) -> tuple[Path, dict[str, Any]]:
         raise UserError(f"{path}: recipe variant of loss '{loss}' not found (pass --variants DIR)")
     variant = read_mapping(path, f"recipe variant of loss '{loss}'")
     if set(variant) - VARIANT_SECTIONS or (variant.get("loss") or {}).get("name") != loss:
-        raise UserError(f"{path}: a variant holds only 'loss' (with name: {loss}), 'data' and 'search' sections")
+        raise UserError(f"{path}: a variant holds only 'loss' (with name: {loss}), 'data', 'model' and 'search' "
+                        "sections")
     return path, variant
 
 
 def apply_variant(base: dict[str, Any], loss: str, variant: dict[str, Any]) -> dict[str, Any]:
     """The base config's mapping with `loss` swapped in: kept as is when the base already trains
-    `loss`; otherwise its `loss` section replaced by the variant's and the variant's `data` keys merged in."""
+    `loss`; otherwise its `loss` section replaced by the variant's and the variant's `data` and `model`
+    keys merged in."""
     if (base.get("loss") or {}).get("name", "cross_entropy") == loss:
         return copy.deepcopy(base)
     out = copy.deepcopy(base)
     out["loss"] = copy.deepcopy(variant["loss"])
-    out["data"] = _merge(base.get("data") or {}, variant.get("data") or {})
+    for section in ("data", "model"):
+        out[section] = _merge(base.get(section) or {}, variant.get(section) or {})
     return out
 
 

@@ -41,6 +41,16 @@ class Dimension:
         """Values that must all be valid for the space to be usable: both ends, or every choice."""
         return list(self.choices) if self.choices else [self.low, self.high]
 
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is one this dimension can draw (a choice, or inside the range on its step)."""
+        if self.choices:
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        return not self.step or abs(round((value - self.low) / self.step) * self.step - (value - self.low)) < 1e-9
+
     def describe(self) -> str:
         if self.choices:
             return "{" + ", ".join(map(str, self.choices)) + "}"

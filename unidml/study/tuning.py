@@ -3,7 +3,9 @@
 Protocol (Musgrave et al., *A Metric Learning Reality Check*, ECCV 2020): every loss gets the same
 budget, N trials of E epochs on the training classes, scored on the class-disjoint validation split
 (the best trained epoch's val Recall@1, or MAP@R); the test split is not evaluated while tuning.
-TPE draws each trial's values from the loss's `search:` space; the median rule stops a trial whose
+Trial 0 of each loss trains its recipe's own setting (the values its config holds at every searched
+key, where the space contains them), so a tuned loss is never scored below its recipe on val for want
+of trials; TPE draws the other trials' values from the loss's `search:` space; the median rule stops a trial whose
 val score at an epoch before its last falls below the median of the completed trials at that epoch
 (at the last epoch stopping saves nothing, so the trial completes). The best
 completed trial's setting is then retrained for the full epochs with seeds 0..S-1 and reported on
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import optuna
+from omegaconf import OmegaConf
 from optuna.samplers import BaseSampler, TPESampler
 from optuna.trial import FrozenTrial, TrialState
 
@@ -192,7 +195,7 @@ class LossStudies:
                 "search": [dataclasses.asdict(d) for d in plan.dims], "trial_epochs": s.trial_epochs,
                 "objective": s.objective, "seed": s.seed, "trial_seed": s.trial_seed, "prune": s.prune,
                 "prune_startup_trials": s.prune_startup_trials, "prune_after_epochs": s.prune_after_epochs,
-                "startup_trials": s.tpe_startup}
+                "startup_trials": s.tpe_startup, "first_trial": "recipe"}
         return json.loads(json.dumps(data))
 
     def _open(self, plan: LossPlan, create: bool) -> optuna.Study:
@@ -234,13 +237,21 @@ class LossStudies:
                 if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)]
         return max(done, key=lambda t: (t.value, -int(t.user_attrs[SLOT]))) if done else None
 
+    def recipe_values(self, loss: str) -> dict[str, Any]:
+        """The loss's recipe setting in its search space: the config's value at every searched key
+        that the space contains (others are left to the sampler)."""
+        plan = self.plans[loss]
+        cfg = plan.config(self.settings.trial_seed, epochs=self.settings.trial_epochs)
+        values = {d.key: OmegaConf.select(cfg, d.key) for d in plan.dims}
+        return {d.key: values[d.key] for d in plan.dims if d.contains(values[d.key])}
+
     def start_trial(self, loss: str, slot: int) -> optuna.Trial | None:
         """The running Optuna trial of `slot` (created, or taken over from a dead worker); None when
         that trial already finished (its worker died after telling it)."""
         study = self.studies[loss]
         frozen = self.slot_trials(loss).get(slot)
         if frozen is None:
-            study.enqueue_trial({}, user_attrs={SLOT: slot})
+            study.enqueue_trial(self.recipe_values(loss) if slot == 0 else {}, user_attrs={SLOT: slot})
             frozen = self.slot_trials(loss)[slot]
         if frozen.state.is_finished():
             return None

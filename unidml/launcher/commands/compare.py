@@ -89,8 +89,10 @@ def protocol_text(settings, select: str, epochs: int) -> str:
     return (f"Every loss gets the same tuning budget: {s.trials} trials of {s.trial_epochs or epochs} epochs "
             f"(train.seed {s.trial_seed}), each trained on the training classes and scored on the class-disjoint "
             f"validation split only (the test split is not evaluated while tuning); a trial's score is its best "
-            f"trained epoch's val {s.objective}. Values are drawn by Optuna's TPE (sampler seed {s.seed}, "
-            f"{s.tpe_startup} random trials first) from the loss's search space; {prune}. A trial whose training "
+            f"trained epoch's val {s.objective}. Trial 0 trains the loss's recipe setting (its variant's value at "
+            f"every searched key); the other trials' values are drawn from the loss's search space by Optuna's TPE "
+            f"(sampler seed {s.seed}; random draws until {s.tpe_startup} trials, the recipe's included, have "
+            f"finished); {prune}. A trial whose training "
             f"broke down (non-finite or diverging loss) is failed, counts against the budget and is never reported. "
             f"The completed trial with the best score is retrained for {epochs} epochs with {seeds}; {report}. "
             f"(Protocol of Musgrave et al., A Metric Learning Reality Check, ECCV 2020.)")

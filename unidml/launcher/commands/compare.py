@@ -1,13 +1,13 @@
 """`unidml compare --config C --losses ce,contrastive,... [--trials N] [--seeds S] [--out DIR] [--set key=value ...]`.
 
 Compares losses on one backbone, data and budget. With `--trials N`, each loss is first tuned: N
-trials drawn by Optuna's TPE from the loss's search space (`search:` in its recipe variant), each a
-run scored on the class-disjoint validation split, median-pruned per epoch; the best setting is then
-retrained with seeds 0..S-1 and reported on test. Without `--trials`, every loss trains at its
-recipe variant's settings. Runs are ordinary run directories under OUT; the study database
-(`--storage`, SQLite under OUT by default) lets an interrupted study resume and several workers
-(processes, nodes, torchrun jobs) share it: start the same command once per worker. Writes
-`OUT/summary.md`, CSV tables and PNG plots.
+trials, the first at the recipe variant's own setting and the others drawn by Optuna's TPE from the
+loss's search space (`search:` in the variant), each a run scored on the class-disjoint validation
+split, median-pruned per epoch; the best setting is then retrained with seeds 0..S-1 and reported on
+test. Without `--trials`, every loss trains at its recipe variant's settings. Runs are ordinary run
+directories under OUT; the study database (`--storage`, SQLite under OUT by default) lets an
+interrupted study resume and several workers (processes, nodes, torchrun jobs) share it: start the
+same command once per worker. Writes `OUT/summary.md`, CSV tables and PNG plots.
 """
 from __future__ import annotations
 
@@ -145,9 +145,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _loss_summary(cfg) -> str:
-    """`param=value, ...` of a run's loss section and its sampler, for the report header."""
+    """`param=value, ...` of a run's loss section, its sampler and its embedding head, for the report header."""
     from omegaconf import OmegaConf
 
     params = {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k != "name"}
     sampler = cfg.data.sampler + (f" m={cfg.data.m_per_class}" if cfg.data.sampler == "m_per_class" else "")
-    return ", ".join(f"{k}={v}" for k, v in params.items()) + f" ({sampler} sampler)"
+    head = "BatchNorm1d" if cfg.model.feature_bn else "raw features"
+    return ", ".join(f"{k}={v}" for k, v in params.items()) + f" ({sampler} sampler, {head} head)"

@@ -4,12 +4,12 @@ Protocol (Musgrave et al., *A Metric Learning Reality Check*, ECCV 2020): every 
 budget, N trials of E epochs on the training classes, scored on the class-disjoint validation split
 (the best trained epoch's val Recall@1, or MAP@R); the test split is not evaluated while tuning.
 Trial 0 of each loss trains its recipe's own setting (the values its config holds at every searched
-key, where the space contains them), so a tuned loss is never scored below its recipe on val for want
-of trials; TPE draws the other trials' values from the loss's `search:` space; the median rule stops a trial whose
-val score at an epoch before its last falls below the median of the completed trials at that epoch
-(at the last epoch stopping saves nothing, so the trial completes). The best
-completed trial's setting is then retrained for the full epochs with seeds 0..S-1 and reported on
-test, at the epoch each retraining selects on val.
+key, where the space contains them), so the search starts from the recipe's score; TPE draws the
+other trials' values from the loss's `search:` space; the median rule stops a trial whose val score
+at an epoch before its last falls below the median of the completed trials at that epoch (at the
+last epoch stopping saves nothing, so the trial completes). The best completed trial's setting is
+then retrained for the full epochs with seeds 0..S-1 and reported on test, at the epoch each
+retraining selects on val.
 
 Every run is an ordinary run directory (`OUT/<loss>/trial<k>`, `OUT/<loss>/seed<s>`). Each loss's
 Optuna study lives in a database (SQLite under OUT by default, or any SQLAlchemy URL), and tasks
@@ -241,7 +241,7 @@ class LossStudies:
         """The loss's recipe setting in its search space: the config's value at every searched key
         that the space contains (others are left to the sampler)."""
         plan = self.plans[loss]
-        cfg = plan.config(self.settings.trial_seed, epochs=self.settings.trial_epochs)
+        cfg = plan.config(self.settings.trial_seed)  # the seed and epochs are never searched keys
         values = {d.key: OmegaConf.select(cfg, d.key) for d in plan.dims}
         return {d.key: values[d.key] for d in plan.dims if d.contains(values[d.key])}
 

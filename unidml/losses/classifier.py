@@ -20,6 +20,7 @@ from unidml.kernels.classifier.head import ClassifierHead
 from unidml.kernels.classifier.sampling import ClassSampler
 from unidml.kernels.classifier.softmax import SoftmaxSpec, softmax_terms
 from unidml.losses.base import DecomposedLoss, LossInputs
+from unidml.runtime.checks import check_range
 from unidml.runtime.device import choose_device
 
 
@@ -44,8 +45,7 @@ class ClassifierLoss(DecomposedLoss):
         if inputs.has_references:
             raise ValueError(f"{type(self).__name__} takes no reference embeddings")
         y = inputs.labels
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{int(y.min())}, {int(y.max())}]")
+        check_range(y, 0, self.num_classes, "labels")  # on the device: no host sync
         return y
 
 

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from unidml.runtime.checks import check_range
+
 NORM_EPS = 1e-12  # F.normalize's default epsilon
 
 
@@ -31,19 +33,6 @@ class ClassScores(NamedTuple):
 def spans(total: int, chunk: int) -> list[tuple[int, int]]:
     """[start, end) chunks of `chunk` items covering `total`."""
     return [(s, min(s + chunk, total)) for s in range(0, total, chunk)]
-
-
-class TargetIndex:
-    """Rows sorted by target column, so each class chunk finds its target entries in O(log n + hits)."""
-
-    def __init__(self, targets: Tensor) -> None:
-        self.sorted, self.order = torch.sort(targets.long(), stable=True)
-
-    def entries(self, start: int, end: int) -> tuple[Tensor, Tensor]:
-        """(rows, columns relative to `start`) of the target entries inside classes [start, end)."""
-        bounds = torch.tensor([start, end], device=self.sorted.device)
-        lo, hi = torch.searchsorted(self.sorted, bounds).tolist()
-        return self.order[lo:hi], self.sorted[lo:hi] - start
 
 
 def inverse_norms(w: Tensor) -> Tensor:
@@ -80,5 +69,4 @@ def check_inputs(x: Tensor, w: Tensor, bias: Tensor | None, targets: Tensor) -> 
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({w.shape[0]},)")
     if targets.shape != (x.shape[0],):
         raise ValueError(f"targets have shape {tuple(targets.shape)}, expected ({x.shape[0]},)")
-    if targets.numel() and (int(targets.min()) < -1 or int(targets.max()) >= w.shape[0]):
-        raise ValueError(f"targets must lie in [-1, {w.shape[0]}), got [{int(targets.min())}, {int(targets.max())}]")
+    check_range(targets, -1, w.shape[0], "targets")

@@ -35,7 +35,9 @@ def proxy_anchor_terms(head: ClassifierHead, z: Tensor, y: Tensor, alpha: float,
     scores = class_scores(x, head.weight, None, head.local_targets(y), scale=alpha, normalize=True,
                           rows=False, columns=True, backend=backend, chunk=chunk)
     cos_t = combine.sum(scores.target)
-    classes, group = torch.unique(y, return_inverse=True)
-    positive = log1p_sum_exp_by_group(-alpha * (cos_t - delta), group, classes.numel()).sum() / classes.numel()
+    # Grouped over all C classes (an absent class adds exactly log 1 = 0): no data-dependent class set.
+    labels = y.long()
+    present = torch.zeros(head.num_classes, device=z.device).index_fill_(0, labels, 1.0).sum()
+    positive = log1p_sum_exp_by_group(-alpha * (cos_t - delta), labels, head.num_classes).sum() / present
     negative = combine.sum(F.softplus(scores.col_lse + alpha * delta).sum()) / head.num_classes
     return positive, negative

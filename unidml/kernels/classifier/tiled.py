@@ -18,7 +18,6 @@ from torch import Tensor
 
 from unidml.kernels.classifier.common import (
     ClassScores,
-    TargetIndex,
     inverse_norms,
     normalize_backward_,
     spans,
@@ -41,7 +40,7 @@ def _augmented(x: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _chunk_logits(xa: Tensor, w: Tensor, bias: Tensor | None, inv_norm: Tensor | None, scale: float,
-                  index: TargetIndex, s: int, e: int) -> tuple[Tensor, Tensor]:
+                  targets: Tensor, s: int, e: int) -> tuple[Tensor, Tensor]:
     """(base-2 logits log2(e)·l of classes [s, e), target entries at −inf; the chunk's v rows in fp32).
 
     Base 2 because exp2 is markedly cheaper than exp on CPU; the log-sum-exps are converted back.
@@ -53,9 +52,18 @@ def _chunk_logits(xa: Tensor, w: Tensor, bias: Tensor | None, inv_norm: Tensor |
     factor = scale * LOG2E
     va = v * factor if bias is None else torch.cat([v, bias[s:e].float()[:, None]], dim=1).mul_(factor)
     logits = torch.mm(xa, va.T)
-    rows, cols = index.entries(s, e)
-    logits[rows, cols] = float("-inf")
+    _mask_targets_(logits, targets, s, e)
     return logits, v
+
+
+def _mask_targets_(logits: Tensor, targets: Tensor, s: int, e: int) -> None:
+    """In place: −inf at each row's target entry when its target lies in classes [s, e).
+
+    One gather and one scatter of n values (rows whose target is elsewhere write their own value
+    back), so no index set of data-dependent size is ever built (no host sync)."""
+    column = (targets - s).clamp(0, e - s - 1)[:, None]
+    inside = ((targets >= s) & (targets < e))[:, None]
+    logits.scatter_(1, column, torch.where(inside, float("-inf"), logits.gather(1, column)))
 
 
 def _finite_or_zero(t: Tensor) -> Tensor:
@@ -68,25 +76,24 @@ def _exp2_shifted_(logits: Tensor, shift: Tensor, dim: int) -> Tensor:
     return logits.sub_(shift[:, None] if dim == 1 else shift[None, :]).exp2_()
 
 
-def _grad_shift(lse: Tensor, grad: Tensor, scale: float) -> tuple[Tensor, Tensor | None]:
-    """(base-2 shift, leftover factor) with G = factor · 2^(l2 − shift) = s·g·e^{l − lse}.
+def _grad_shift(lse: Tensor, grad: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """(base-2 shift, sign) with G = sign · 2^(l2 − shift) = s·g·e^{l − lse}.
 
-    A non-negative upstream gradient (the usual case: the loss increases with every log-sum-exp)
-    folds into the exponent, log2(s·g), sparing a pass over the chunk; otherwise it stays a factor.
+    The magnitude log2|s·g| folds into the exponent, sparing a pass over the chunk; the sign (±1, 0)
+    is applied to the (n, d) or (c, d) operands of the matmuls when only one side has a gradient
+    (see `TiledClassScores.backward`), so no branch depends on the gradient's values (no host sync).
     """
-    base = _finite_or_zero(lse * LOG2E)
     g = grad.float() * scale
-    if bool((g >= 0).all()):
-        return base - torch.log2(g), None
-    return base, g
+    return _finite_or_zero(lse * LOG2E) - torch.log2(g.abs()), torch.sign(g)
 
 
-def _scaled_exp2_(logits: Tensor, shift: tuple[Tensor, Tensor | None], dim: int, s: int, e: int) -> Tensor:
-    """In place: the chunk's gradient part for the row (dim=1) or column (dim=0) log-sum-exps."""
-    base, factor = shift
+def _scaled_exp2_(logits: Tensor, shift: tuple[Tensor, Tensor], dim: int, s: int, e: int, signed: bool) -> Tensor:
+    """In place: the chunk's |gradient| part for the row (dim=1) or column (dim=0) log-sum-exps,
+    times its sign when `signed`."""
+    base, sign = shift
     out = _exp2_shifted_(logits, base[s:e], dim)
-    if factor is not None:
-        out.mul_(factor[s:e, None] if dim == 1 else factor[None, s:e])
+    if signed:
+        out.mul_(sign[s:e, None] if dim == 1 else sign[None, s:e])
     return out
 
 
@@ -99,14 +106,13 @@ class TiledClassScores(torch.autograd.Function):
         x32 = x.float()
         xa = _augmented(x32, bias)
         n, c = x.shape[0], w.shape[0]
-        index = TargetIndex(targets)
         inv_norm = inverse_norms(w) if normalize else None
         run_max = torch.full((n,), float("-inf"), device=x.device)  # base 2, online over chunks
         run_sum = torch.zeros(n, device=x.device)
         col_lse = torch.empty(c if columns else 0, device=x.device)
         weight_sum = torch.zeros(x.shape[1], device=x.device)
         for s, e in spans(c, chunk):
-            logits, v = _chunk_logits(xa, w, bias, inv_norm, scale, index, s, e)
+            logits, v = _chunk_logits(xa, w, bias, inv_norm, scale, targets, s, e)
             if columns:  # a chunk holds every row: its column log-sum-exps are complete
                 top = _finite_or_zero(logits.amax(0))
                 block = logits.clone() if rows else logits  # the row pass below still needs the logits
@@ -134,7 +140,6 @@ class TiledClassScores(torch.autograd.Function):
         x32 = x.float()
         xa = _augmented(x32, bias)
         scale = ctx.scale
-        index = TargetIndex(targets)
         inv_norm = inverse_norms(w) if ctx.normalize else None
         d = x.shape[1]
         dx = torch.zeros_like(x32)
@@ -145,25 +150,34 @@ class TiledClassScores(torch.autograd.Function):
         if rows_live or cols_live:
             row_shift = _grad_shift(row_lse, g_row, scale) if rows_live else None
             col_shift = _grad_shift(col_lse, g_col, scale) if cols_live else None
+            both = rows_live and cols_live  # (tests only) signs applied to the chunk itself
+            # One side only: G = diag(sign_r)·E (rows) or E·diag(sign_c) (columns), so the sign goes on
+            # X (rows: dV = Eᵀ·(sign_r·X), dX = sign_r·Σ E·V at the end) or on V (columns: dX += E·(sign_c·V),
+            # dV = sign_c·(Eᵀ·X)).
+            xs = xa * row_shift[1][:, None] if rows_live and not both else xa
             for s, e in spans(w.shape[0], ctx.chunk):
-                logits, v = _chunk_logits(xa, w, bias, inv_norm, scale, index, s, e)
+                logits, v = _chunk_logits(xa, w, bias, inv_norm, scale, targets, s, e)
                 grad = None
                 if cols_live:
-                    grad = _scaled_exp2_(logits.clone() if rows_live else logits, col_shift, 0, s, e)
+                    grad = _scaled_exp2_(logits.clone() if rows_live else logits, col_shift, 0, s, e, both)
                 if rows_live:
-                    row_part = _scaled_exp2_(logits, row_shift, 1, 0, x.shape[0])
+                    row_part = _scaled_exp2_(logits, row_shift, 1, 0, x.shape[0], both)
                     grad = row_part if grad is None else grad.add_(row_part)
-                dx.addmm_(grad, v)
-                if db is None:
-                    torch.mm(grad.T, x32, out=dv[s:e])
-                else:  # [dv | dbias] in one matmul against [x, 1]
-                    both = torch.mm(grad.T, xa)
-                    dv[s:e], db[s:e] = both[:, :d], both[:, d]
+                col_sign = col_shift[1][s:e, None] if cols_live and not both else None
+                dx.addmm_(grad, v if col_sign is None else v * col_sign)
+                chunk_grad = torch.mm(grad.T, xs)
+                if col_sign is not None:
+                    chunk_grad.mul_(col_sign)
+                dv[s:e] = chunk_grad[:, :d]
+                if db is not None:  # [dv | dbias] in one matmul against [x, 1]
+                    db[s:e] = chunk_grad[:, d]
+            if rows_live and not both:
+                dx.mul_(row_shift[1][:, None])
         if g_target is not None:
             v_t, has = target_vectors(w, inv_norm, targets)
-            gt = g_target.float() * has
+            gt = g_target.float() * has  # rows without a target in this block add 0 to class 0
             dx.addcmul_(v_t, gt[:, None])
-            dv.index_add_(0, targets[has], x32[has] * gt[has, None])
+            dv.index_add_(0, targets.clamp_min(0), x32 * gt[:, None])
         if g_wsum is not None:
             dv += g_wsum.float()[None, :]
         if ctx.normalize:

@@ -97,9 +97,9 @@ class TritonClassScores(torch.autograd.Function):
                                                                           *args["sizes"], **common)
         if g_target is not None:
             v_t, has = target_vectors(w, inv_norm, targets)
-            gt = g_target.float() * has
+            gt = g_target.float() * has  # rows without a target in this block add 0 to class 0
             dx.addcmul_(v_t, gt[:, None])
-            dv.index_add_(0, targets[has], x[has].float() * gt[has, None])
+            dv.index_add_(0, targets.clamp_min(0), x.float() * gt[:, None])
         if g_wsum is not None:
             dv += g_wsum.float()[None, :]
         if ctx.normalize:

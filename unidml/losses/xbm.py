@@ -60,6 +60,13 @@ class CrossBatchMemoryLoss(DecomposedLoss):
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))  # entries in use
         self.register_buffer("position", torch.zeros((), dtype=torch.long))  # where the next batch goes
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # training calls so far
+        # Host copies of the three counters: reading the buffers each step would sync with the device.
+        # The buffers are written alongside (for checkpoints) and read back once after a load.
+        self._step = self._filled = self._position = 0
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._read_counters())
+
+    def _read_counters(self) -> None:
+        self._step, self._filled, self._position = int(self.step), int(self.filled), int(self.position)
 
     @property
     def spec(self):
@@ -71,14 +78,15 @@ class CrossBatchMemoryLoss(DecomposedLoss):
         tightness, contrast = self.loss.compute(inputs)
         if not self.training:
             return tightness, contrast
-        self.step += 1
-        if int(self.step) <= self.start_step:
+        self._step += 1
+        self.step.fill_(self._step)
+        if self._step <= self.start_step:
             return tightness, contrast
         x, y = self.loss._prepare(inputs.embeddings), inputs.labels
         start = self._enqueue(x.detach().float(), y)
-        refs = self.memory_emb[:int(self.filled)].to(x.dtype)
+        refs = self.memory_emb[:self._filled].to(x.dtype)
         world = world_size()
-        mem_t, mem_c = self.loss.terms_against(x, y, refs, self.memory_labels[:int(self.filled)],
+        mem_t, mem_c = self.loss.terms_against(x, y, refs, self.memory_labels[:self._filled],
                                                start + rank() * x.shape[0], world)
         return tightness + self.weight * mem_t, contrast + self.weight * mem_c
 
@@ -93,11 +101,12 @@ class CrossBatchMemoryLoss(DecomposedLoss):
         n = x.shape[0]
         if n > self.size:
             raise ValueError(f"memory.size={self.size} is smaller than the global batch ({n})")
-        start = int(self.position) if int(self.position) + n <= self.size else 0
+        start = self._position if self._position + n <= self.size else 0
         self.memory_emb[start:start + n] = x.to(self.memory_emb)
         self.memory_labels[start:start + n] = y.to(self.memory_labels)
-        self.filled.fill_(max(int(self.filled), start + n))
-        self.position.fill_((start + n) % self.size)
+        self._filled, self._position = max(self._filled, start + n), (start + n) % self.size
+        self.filled.fill_(self._filled)
+        self.position.fill_(self._position)
         return start
 
 

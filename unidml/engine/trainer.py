@@ -213,9 +213,11 @@ class Trainer:
         return getattr(self.module.loss, "terms", {})
 
     def _log_step(self, meter: StepMeter, loss: torch.Tensor, grad_norm: float) -> None:
+        terms = self._loss_terms()
+        read = torch.stack([loss.float(), *(v.float() for v in terms.values())]).tolist()  # one device read
         values = {
-            "loss": float(loss),
-            **{k: float(v) for k, v in self._loss_terms().items()},
+            "loss": read[0],
+            **dict(zip(terms, read[1:])),
             "lr": self.backend.lr,
             **meter.rates(),
             "grad_norm": grad_norm,

@@ -52,3 +52,26 @@ def test_bad_options():
         _loss(centers="ema")
     with pytest.raises(ValueError, match="unknown reduction"):
         _loss(reduction="max")
+
+
+def test_batch_centers_take_any_integer_labels():
+    """Labels 1e9 and negative ones are class ids like any other: the loss equals the one on the same
+    classes numbered 0..k-1 (it used to size buffers by max(label) + 1: 8 GB for 1e9, bincount's error
+    for a negative label)."""
+    gen = torch.Generator().manual_seed(0)
+    z, ref = torch.randn(6, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    small, ref_small = torch.tensor([0, 1, 1, 2, 0, 3]), torch.tensor([1, 0, 2, 2, 4])
+    ids = torch.tensor([-7, 10**9, 10**9 + 1, 2**40, -1])  # an arbitrary relabelling of 0..4
+    for loss in (build_loss("center", num_classes=3, embedding_dim=3),
+                 build_loss("center", num_classes=3, embedding_dim=3, reduction="sum")):
+        want = loss(z, small)
+        torch.testing.assert_close(loss(z, ids[small]), want, rtol=0, atol=1e-6 * max(want.item(), 1.0))
+        want = loss(z, small, ref_emb=ref, ref_labels=ref_small)
+        got = loss(z, ids[small], ref_emb=ref, ref_labels=ids[ref_small])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * max(want.item(), 1.0))
+
+
+@pytest.mark.parametrize("labels", [[0, 3], [-1, 0]])
+def test_learned_centers_refuse_labels_out_of_range(labels):
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 3\)$"):
+        _loss(centers="learned")(torch.randn(2, 2), torch.tensor(labels))

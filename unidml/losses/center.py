@@ -6,6 +6,7 @@ from torch import Tensor, nn
 
 from unidml.losses.base import DecomposedLoss, LossInputs, choice
 from unidml.losses.registry import register_loss
+from unidml.runtime.checks import check_range
 
 
 def class_sums(emb: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -20,7 +21,8 @@ class CenterLoss(DecomposedLoss):
     """½ Σ_i ‖z_i − c_{y_i}‖², divided by n for `reduction=mean` (docs/design.md gives the `sum` form).
 
     centers: `batch` (means of the references' — by default the batch's own — class members,
-    differentiated through) or `learned` (a (num_classes, embedding_dim) parameter).
+    differentiated through; labels may be any integers, remapped to the classes present) or `learned`
+    (a (num_classes, embedding_dim) parameter; labels must lie in [0, num_classes)).
     Anchors whose class has no reference contribute 0. contrast is identically 0.
     """
 
@@ -36,15 +38,16 @@ class CenterLoss(DecomposedLoss):
         if self.centers is not None:
             if inputs.has_references:
                 raise ValueError("center loss with learned centers takes no reference embeddings")
+            check_range(y, 0, self.num_classes, "labels")
             centers, present = self.centers.float(), torch.ones(self.num_classes, dtype=torch.bool, device=x.device)
         else:
             r, r_y = (inputs.ref_emb.float(), inputs.ref_labels.long()) if inputs.has_references else (x, y)
-            k = int(max(int(y.max()), int(r_y.max()))) + 1
-            sums, counts = class_sums(r, r_y, k)
+            # Buffers sized by the classes present, not by the largest label (any integer ids work).
+            classes, ids = torch.unique(torch.cat([y, r_y]), return_inverse=True)
+            y, r_y = ids[:y.shape[0]], ids[y.shape[0]:]
+            sums, counts = class_sums(r, r_y, classes.numel())
             centers = sums / counts.clamp(min=1)[:, None]
             present = counts > 0
-        if int(y.max()) >= centers.shape[0] or int(y.min()) < 0:
-            raise ValueError(f"labels must lie in [0, {centers.shape[0]})")
         sq = ((x - centers[y]) ** 2).sum(1) * present[y]
         tight = 0.5 * (sq.mean() if self.reduction == "mean" else sq.sum())
         return tight, torch.zeros_like(tight)

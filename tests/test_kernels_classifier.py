@@ -187,6 +187,47 @@ def test_proxy_anchor_terms_every_backend_match_pml():
 
 # ----------------------------------------------------------------------------- Triton (interpreter)
 
+def test_compute_dtype_and_fp32_precision():
+    """One compute dtype for both operands: the half one if any (bf16 for a bf16/fp16 mix), else fp32, whose
+    products use TF32 exactly when PyTorch's fp32 matmuls may."""
+    from unidml.kernels.classifier.common import compute_dtype, fp32_dot_precision
+
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    cases = {(bf16, fp32): bf16, (fp32, bf16): bf16, (fp16, fp32): fp16, (fp32, fp16): fp16, (fp16, bf16): bf16,
+             (bf16, fp16): bf16, (fp16, fp16): fp16, (fp32, fp32): fp32}
+    assert {pair: compute_dtype(*pair) for pair in cases} == cases
+    saved = torch.get_float32_matmul_precision()
+    try:
+        got = {}
+        for mode in ("highest", "high", "medium"):
+            torch.set_float32_matmul_precision(mode)
+            got[mode] = fp32_dot_precision()
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert got == {"highest": "ieee", "high": "tf32", "medium": "tf32"}
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "cosface", "proxy_anchor"])
+def test_half_embeddings_reach_the_triton_kernels_unconverted(monkeypatch, name):
+    """bf16 embeddings go to the fused kernels as bf16 (tensor cores), not upcast to fp32 on the way."""
+    from unidml.kernels.classifier import proxy_anchor, softmax
+    from unidml.losses import build_loss
+
+    seen = []
+
+    def spy(x, w, *args, **kwargs):
+        seen.append(x.dtype)
+        return class_scores(x.float(), w, *args, **{**kwargs, "backend": "reference"})
+
+    monkeypatch.setattr(softmax, "class_scores", spy)
+    monkeypatch.setattr(proxy_anchor, "class_scores", spy)
+    params = {"normalized": True, "zero_init": False} if name == "cross_entropy" else {}
+    loss = build_loss(name, num_classes=5, embedding_dim=8, backend="tiled", **params)
+    loss.backend = "triton"  # what `auto` resolves to on CUDA
+    loss(torch.randn(4, 8).to(torch.bfloat16), torch.tensor([0, 1, 2, 1]))
+    assert seen == [torch.bfloat16]
+
+
 def triton_check() -> None:
     """Triton scores and losses equal the reference; run under TRITON_INTERPRET=1 (see the test below)."""
     for case in SCORE_CASES:
@@ -216,14 +257,86 @@ def triton_check() -> None:
             for be in ("reference", "triton")]
     for g, r in zip([runs[1][0]] + runs[1][1], [runs[0][0]] + runs[0][1]):
         _close(g, r, "triton proxy anchor")
-    for dtype in (torch.bfloat16, torch.float16):  # half inputs, fp32 accumulation: same as fp32 on rounded values
-        xh = x.to(dtype)
-        want = _scores_and_grads("reference", xh.float(), w, b, targets, scale=2.0, normalize=True, columns=True)
-        got = _scores_and_grads("triton", xh, w, b, targets, scale=2.0, normalize=True, columns=True)
-        for g, r in zip(got[0] + got[1][1:], want[0] + want[1][1:]):
-            _close(g, r, f"triton {dtype}")
-        _close(got[1][0], want[1][0], f"triton {dtype} dx", rtol={torch.bfloat16: 2.0 ** -7,
-                                                                    torch.float16: 2.0 ** -10}[dtype])
+    mixed_dtype_check()
+    offsets_check()
+
+
+def offsets_check() -> None:
+    """The kernels' row offsets (`_rows64`) are exact past 2^31, where an int32 product wraps: row 1,048,576 of
+    a d = 2048 weight starts at element 2^31 (the 1.05 M-class case); the last entries pass 2^32."""
+    from triton_offsets import row_offsets
+
+    idx = torch.tensor([3, 1_048_575, 1_048_576, 2_500_000], dtype=torch.int32)
+    out64, out32 = torch.empty(4, dtype=torch.int64), torch.empty(4, dtype=torch.int64)
+    row_offsets[(1,)](idx, out64, out32, 2048)
+    want = [i * 2048 for i in idx.tolist()]
+    assert out64.tolist() == want, (out64.tolist(), want)
+    assert out32.tolist()[2:] != want[2:]  # int32 wraps: the case the 64-bit offsets exist for
+
+
+UNIT = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}  # unit roundoff
+DTYPE_MIXES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
+               (torch.float16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float16, torch.float16),
+               (torch.float32, torch.float32)]
+MIXED_SHAPES = [(21, 37, 37, True, False), (1, 20, 19, False, True), (18, 24, 35, True, True)]  # n, d, C, bias, norm
+
+
+def _grad_magnitudes(x, w, b, targets, scale, normalize, g_row, g_col):
+    """(|G|·|V|, |G|ᵀ·|X| / ‖w_k‖) in float64 from the materialised logits: the scale of the rounding of
+    G = ∂L/∂(x·v) to the compute dtype before the backward's products."""
+    x, w = x.double(), w.double()
+    v = F.normalize(w, dim=1) if normalize else w
+    logits = scale * (x @ v.T + (0.0 if b is None else b.double()[None, :]))
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    has = targets >= 0
+    keep[has.nonzero().squeeze(1), targets[has]] = False
+    masked = logits.masked_fill(~keep, float("-inf"))
+    g = (g_row.double()[:, None] * (masked - masked.logsumexp(1, keepdim=True)).exp()).abs()
+    g = g + (g_col.double()[None, :] * (masked - masked.logsumexp(0, keepdim=True)).exp()).abs()
+    g = torch.nan_to_num(g) * scale
+    return g @ v.abs(), (g.T @ x.abs()) * (1.0 / w.norm(dim=1, keepdim=True) if normalize else 1.0)
+
+
+def mixed_dtype_check() -> None:
+    """The GPU code path on every mixture of bf16 / fp16 / fp32 embeddings and weights, d not a power of two,
+    C off the block multiple, n = 1, against the reference backend on the same values in fp32.
+
+    Inputs are drawn representable in every dtype involved, so casting them to the compute dtype is exact
+    and the forward differs from fp32 only by summation order (RTOL). The backward rounds each tile of
+    G = ∂L/∂(x·v) to the compute dtype (unit roundoff u) before its products: dX is off by at most
+    u·(|G|·|V|) per entry and dW by u·‖(|G|ᵀ·|X|)_k‖/‖w_k‖ per row (the normalisation's projection does not
+    grow a row's 2-norm), and each gradient is rounded once more to its input's dtype; the bound asserted
+    is twice the sum of those plus RTOL of the largest entry (observed: at most 0.76 of it)."""
+    from interpreter_dot import faithful_bf16_dot
+
+    faithful_bf16_dot()
+    gen = torch.Generator().manual_seed(11)
+    for (n, d, c, bias, normalize) in MIXED_SHAPES:
+        x0 = torch.randn(n, d, generator=gen).to(torch.bfloat16).to(torch.float16).float()  # exact in both
+        w0 = torch.randn(c, d, generator=gen).to(torch.bfloat16).to(torch.float16).float()
+        b = torch.randn(c, generator=gen) if bias else None
+        targets = torch.randint(-1, c, (n,), generator=gen)
+        kw = dict(scale=3.0, normalize=normalize, rows=True, columns=True)
+        want_out, want_grads = _scores_and_grads("reference", x0, w0, b, targets, **kw)
+        gen_up = torch.Generator().manual_seed(99)  # the upstream gradients _scores_and_grads draws
+        ups = [torch.randn(o.shape, generator=gen_up) for o in want_out if o.numel()]
+        bound_dx, bound_dw = _grad_magnitudes(x0, w0, b, targets, 3.0, normalize, ups[0], ups[2])
+        for x_dtype, w_dtype in DTYPE_MIXES:
+            what = f"triton {x_dtype}/{w_dtype} n={n} d={d} C={c}"
+            got_out, got_grads = _scores_and_grads("triton", x0.to(x_dtype), w0.to(w_dtype), b, targets, **kw)
+            assert got_grads[0].dtype == x_dtype and got_grads[1].dtype == w_dtype, what
+            for name, g, r in zip(("row_lse", "target", "col_lse", "weight_sum"), got_out, want_out):
+                _close(g, r, f"{what} {name}")
+            u = UNIT[torch.bfloat16 if torch.bfloat16 in (x_dtype, w_dtype) else
+                     torch.float16 if torch.float16 in (x_dtype, w_dtype) else torch.float32]
+            err_dx = (got_grads[0].double() - want_grads[0].double()).abs()
+            slack_dx = RTOL * want_grads[0].abs().max().item() + 2 * UNIT[x_dtype] * want_grads[0].abs().double()
+            assert (err_dx <= 2 * u * bound_dx + slack_dx).all(), f"{what} dx: {err_dx.max()}"
+            err_dw = (got_grads[1].double() - want_grads[1].double()).norm(dim=1)
+            slack_dw = RTOL * want_grads[1].abs().max().item() + 2 * UNIT[w_dtype] * want_grads[1].double().norm(dim=1)
+            assert (err_dw <= 2 * u * bound_dw.norm(dim=1) + slack_dw).all(), f"{what} dw: {err_dw.max()}"
+            if bias:
+                _close(got_grads[2], want_grads[2], f"{what} dbias")
 
 
 @pytest.mark.timeout(300)

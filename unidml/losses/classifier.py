@@ -76,7 +76,7 @@ class SoftmaxHeadLoss(ClassifierLoss):
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
         y = self.checked_labels(inputs)
-        return softmax_terms(self.head, self.dropout(inputs.embeddings.float()), y, self.spec, self.backend,
+        return softmax_terms(self.head, self.dropout(inputs.embeddings), y, self.spec, self.backend,
                              self.chunk_classes, self.sampler)
 
     @property

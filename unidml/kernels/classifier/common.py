@@ -35,6 +35,25 @@ def spans(total: int, chunk: int) -> list[tuple[int, int]]:
     return [(s, min(s + chunk, total)) for s in range(0, total, chunk)]
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(x_dtype: torch.dtype, w_dtype: torch.dtype) -> torch.dtype:
+    """The one dtype both operands of the fused kernels' matrix products take (fp32 accumulation):
+    the half-precision one when either input is bf16 / fp16 (both half but different: bf16, whose
+    range holds fp16's), else fp32."""
+    halves = {dt for dt in (x_dtype, w_dtype) if dt in HALF}
+    if not halves:
+        return torch.float32
+    return halves.pop() if len(halves) == 1 else torch.bfloat16
+
+
+def fp32_dot_precision() -> str:
+    """How fp32 products run: "tf32" (tensor cores, 10-bit mantissa operands) when PyTorch's own fp32
+    matmuls may use TF32 (`torch.set_float32_matmul_precision("high")` or "medium"), else "ieee"."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def inverse_norms(w: Tensor) -> Tensor:
     """1 / max(‖w_k‖, eps) per row (fp32), F.normalize's convention."""
     return torch.linalg.vector_norm(w.float(), dim=1).clamp_min(NORM_EPS).reciprocal()

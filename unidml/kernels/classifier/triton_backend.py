@@ -12,7 +12,14 @@ import torch
 import triton
 from torch import Tensor
 
-from unidml.kernels.classifier.common import ClassScores, inverse_norms, normalize_backward_, target_vectors
+from unidml.kernels.classifier.common import (
+    ClassScores,
+    compute_dtype,
+    fp32_dot_precision,
+    inverse_norms,
+    normalize_backward_,
+    target_vectors,
+)
 from unidml.kernels.classifier.tiled import default_chunk_classes
 
 
@@ -25,9 +32,13 @@ def _blocks(d: int) -> dict[str, int]:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": min(256, max(16, 1 << (d - 1).bit_length()))}
 
 
-def _dot_f32() -> bool:
-    """Upcast half tiles before tl.dot: only under the interpreter (its half dot is unfaithful)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _dot_flags(x: Tensor, w: Tensor) -> dict:
+    """The kernels' compute dtype and fp32 precision (`common.compute_dtype`, `common.fp32_dot_precision`)."""
+    import triton.language as tl
+
+    dtype = compute_dtype(x.dtype, w.dtype)
+    as_tl = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    return {"DOT": as_tl, "PRECISION": fp32_dot_precision() if dtype == torch.float32 else "ieee"}
 
 
 def _weight_sum(w: Tensor, inv_norm: Tensor | None) -> Tensor:
@@ -53,7 +64,7 @@ class TritonClassScores(torch.autograd.Function):
         blocks = _blocks(d)
         row_lse = torch.empty(n if rows else 0, dtype=torch.float32, device=x.device)
         tiles = dict(BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
-                     DOT_F32=_dot_f32())
+                     **_dot_flags(x, w))
         if rows:
             K.fwd_rows[(triton.cdiv(n, blocks["BLOCK_M"]),)](*args["head"], row_lse, *args["sizes"], **args["flags"],
                                                             **tiles)
@@ -87,7 +98,7 @@ class TritonClassScores(torch.autograd.Function):
             dummy = row_lse.new_zeros(1)
             grads = (g_row.float().contiguous() if has_row else dummy, row_lse if has_row else dummy,
                      g_col.float().contiguous() if has_col else dummy, col_lse if has_col else dummy)
-            common = dict(**args["flags"], HAS_ROW=has_row, HAS_COL=has_col, DOT_F32=_dot_f32(), num_warps=8,
+            common = dict(**args["flags"], HAS_ROW=has_row, HAS_COL=has_col, **_dot_flags(x, w), num_warps=8,
                           **blocks)
             feature_blocks = triton.cdiv(d, blocks["BLOCK_D"])
             K.bwd_dx[(triton.cdiv(n, blocks["BLOCK_M"]), feature_blocks)](*args["head"], *grads, dx, *args["sizes"],

@@ -20,6 +20,12 @@ are against the materialising method of the same loss measured in the same run.
   python bench/classifier.py                                   # C = 1e4, 1e5, 2e5; n = 4096; d = 512
   python bench/classifier.py --classes 1000000 --methods fused_ce
   python bench/classifier.py --device cuda --dtype bfloat16 --n 16384 --classes 1000000 --methods fused_ce torch_ce
+
+The GPU suite, `python bench/classifier.py --device cuda --json OUT.json` (no `--classes`): bf16, n = 8192,
+d = 512; first a correctness check of the fused kernels at C = 10^6 against the reference backend (n = 256,
+see `check_case`), then all four methods at C = 10^5, then the fused ones alone at C = 10^6 (the
+materialising baselines would not fit), with time and memory ratios against the baselines at C = 10^5.
+Without a CUDA device it writes {"skipped": "no CUDA device"} and exits 0.
 """
 from __future__ import annotations
 
@@ -134,8 +140,78 @@ def run_case(method: str, num_classes: int, n: int, d: int, device: str, dtype: 
             "weights_mib": weight.numel() * weight.element_size() / 2 ** 20}
 
 
-def _spawn(args: argparse.Namespace, method: str, num_classes: int) -> dict:
-    cmd = [sys.executable, __file__, "--case", method, str(num_classes), "--n", str(args.n), "--d", str(args.d),
+UNIT = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11, "float32": 2.0 ** -24}  # unit roundoff
+
+
+def check_case(num_classes: int, n: int, d: int, device: str, dtype: str, backend: str = "auto") -> dict:
+    """The fused cross-entropy (and Proxy-Anchor's per-proxy log-sum-exps) against the reference backend.
+
+    Inputs: z in `dtype`, weights fp32; the reference runs in fp32 on the same values with the weights rounded
+    to the kernels' compute dtype (`unidml.kernels.classifier.common.compute_dtype`), so the forward differs by
+    fp32 summation order only (relative 1e-4 asserted). The backward rounds G = ∂L/∂logits (P − Y)/n to the
+    compute dtype (unit roundoff u) before its products, so |ΔdZ| ≤ 2u·(|G|·|W|) + 2u_z·|dZ| (dZ returned in
+    z's dtype) and |ΔdW| ≤ 2u·(|G|ᵀ·|Z|) entrywise (plus 1e-5 of the largest entry). Proxy-Anchor's col_lse uses
+    inverse norms of the unrounded weights: cosines are off by at most 2u, so |Δcol_lse| ≤ α·2u + 1e-4·|col_lse|.
+    """
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from unidml.kernels.classifier.common import compute_dtype, fp32_dot_precision
+    from unidml.kernels.classifier.dispatch import class_scores
+    from unidml.losses import build_loss
+
+    torch.manual_seed(0)
+    z0 = torch.randn(n, d, device=device).to(getattr(torch, dtype))
+    y = torch.randint(0, num_classes, (n,), device=device)
+    fused = build_loss("cross_entropy", num_classes=num_classes, embedding_dim=d, device=device,
+                       label_smoothing=0.0, dropout=0.0, zero_init=False, backend=backend).to(device)
+    reference = build_loss("cross_entropy", num_classes=num_classes, embedding_dim=d, device=device,
+                           label_smoothing=0.0, dropout=0.0, zero_init=False, backend="reference").to(device)
+    dot = str(compute_dtype(z0.dtype, torch.float32)).removeprefix("torch.")
+    tf32 = dot == "float32" and fp32_dot_precision() == "tf32" and fused.backend == "triton"
+    u = 2.0 ** -11 if tf32 else UNIT[dot]  # TF32 operands keep 11 significant bits
+    with torch.no_grad():
+        reference.head.weight.copy_(fused.head.weight.to(z0.dtype).float())
+        fused.head.weight.copy_(reference.head.weight)  # representable in the compute dtype: the cast is exact
+        reference.head.bias.copy_(fused.head.bias)
+    runs = []
+    for loss, z in ((fused, z0.clone()), (reference, z0.float())):
+        z.requires_grad_()
+        value = loss(z, y)
+        value.backward()
+        runs.append((value.detach().double(), z.grad.double(), loss.head.weight.grad.double()))
+    (v_f, dz_f, dw_f), (v_r, dz_r, dw_r) = runs
+    w, x = reference.head.weight.detach().double(), z0.double()
+    p = torch.softmax(x @ w.T + reference.head.bias.detach().double(), dim=1)
+    onehot = torch.nn.functional.one_hot(y, num_classes).double()
+    g_abs = (p + onehot - 2 * p * onehot) / n
+    bound_dz = 2 * u * (g_abs @ w.abs()) + 2 * UNIT[dtype] * dz_r.abs() + 1e-5 * dz_r.abs().max()
+    bound_dw = 2 * u * (g_abs.T @ x.abs()) + 1e-5 * dw_r.abs().max()
+    del p, onehot, g_abs
+    out = {"classes": num_classes, "n": n, "d": d, "dtype": dtype, "unit_roundoff": u,
+           "ce_loss_rel_err": float((v_f - v_r).abs() / v_r.abs()),
+           "ce_dz_err_over_bound": float(((dz_f - dz_r).abs() / bound_dz).max()),
+           "ce_dw_err_over_bound": float(((dw_f - dw_r).abs() / bound_dw).max())}
+    alpha = 32.0
+    x_unit = torch.nn.functional.normalize(z0.float(), dim=1).to(z0.dtype)
+    w_proxy = fused.head.weight.detach()
+    targets = y
+    got = class_scores(x_unit, w_proxy, None, targets, scale=alpha, normalize=True, rows=False, columns=True,
+                       backend=fused.backend).col_lse.double()
+    want = class_scores(x_unit.float(), w_proxy.to(x_unit.dtype).float(), None, targets, scale=alpha,
+                        normalize=True, rows=False, columns=True, backend="reference").col_lse.double()
+    finite = torch.isfinite(want)
+    bound = alpha * 2 * u + 1e-4 * want[finite].abs()
+    out["pa_col_lse_err_over_bound"] = float(((got[finite] - want[finite]).abs() / bound).max())
+    out["pa_infinite_entries_agree"] = bool(torch.equal(finite, torch.isfinite(got)))
+    out["passed"] = (out["ce_loss_rel_err"] <= 1e-4 and out["ce_dz_err_over_bound"] <= 1
+                     and out["ce_dw_err_over_bound"] <= 1 and out["pa_col_lse_err_over_bound"] <= 1
+                     and out["pa_infinite_entries_agree"])
+    return out
+
+
+def _spawn(args: argparse.Namespace, method: str, num_classes: int, n: int | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--case", method, str(num_classes), "--n", str(n or args.n), "--d", str(args.d),
            "--device", args.device, "--dtype", args.dtype, "--reps", str(args.reps)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
     if proc.returncode != 0:
@@ -162,9 +238,38 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def gpu_suite(args: argparse.Namespace) -> dict:
+    """The GPU suite of the module docstring: check, C = 10^5 against the baselines, C = 10^6 fused alone."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    args.dtype = "bfloat16" if args.dtype == "float32" else args.dtype
+    check = _spawn(args, "check", 1_000_000, n=256)
+    suite = {"device": torch.cuda.get_device_name(0), "n": args.n, "d": args.d, "dtype": args.dtype,
+             "check": check, "results": []}
+    if not check.get("passed"):
+        suite["error"] = "correctness check failed: nothing timed"
+        return suite
+    for method in METHODS:
+        suite["results"].append(_spawn(args, method, 100_000))
+    for method in ("fused_ce", "fused_proxy_anchor"):
+        suite["results"].append(_spawn(args, method, 1_000_000))
+    by_key = {(r["method"], r["classes"]): r for r in suite["results"] if "error" not in r}
+    suite["ratios"] = {}
+    for fused, baseline in BASELINE.items():
+        for classes in (100_000, 1_000_000):
+            f, b = by_key.get((fused, classes)), by_key.get((baseline, 100_000))
+            if f is not None and b is not None:
+                suite["ratios"][f"{fused}@{classes} / {baseline}@100000"] = {
+                    "time": f["time_s"] / b["time_s"], "peak_memory": f["peak_mib"] / b["peak_mib"]}
+    return suite
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--classes", type=int, nargs="+", default=[10_000, 100_000, 200_000])
+    parser.add_argument("--classes", type=int, nargs="+", default=None,
+                        help="default: 1e4 1e5 2e5 on a CPU; the GPU suite with --device cuda")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--d", type=int, default=512)
@@ -175,10 +280,21 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--case", nargs=2, metavar=("METHOD", "CLASSES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.case and args.case[0] == "check":
+        print(json.dumps(check_case(int(args.case[1]), args.n, args.d, args.device, args.dtype)))
+        return
     if args.case:
         print(json.dumps(run_case(args.case[0], int(args.case[1]), args.n, args.d, args.device, args.dtype,
                                   args.reps)))
         return
+    if args.classes is None and args.device == "cuda":
+        args.n = 8192 if args.n == 4096 else args.n
+        suite = gpu_suite(args)
+        print(json.dumps(suite, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(suite, indent=1))
+        return
+    args.classes = args.classes or [10_000, 100_000, 200_000]
     results = []
     for num_classes in args.classes:
         for method in args.methods:

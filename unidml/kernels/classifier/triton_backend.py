@@ -6,8 +6,6 @@ shared with the tiled backend.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from torch import Tensor
@@ -21,15 +19,6 @@ from unidml.kernels.classifier.common import (
     target_vectors,
 )
 from unidml.kernels.classifier.tiled import default_chunk_classes
-
-
-def _blocks(d: int) -> dict[str, int]:
-    """Tile sizes (small under the interpreter so tiny test inputs still span several tiles)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}
-    # Each backward program recomputes its logit tiles once per feature block: wide feature blocks
-    # (d = 512 -> 2) keep that recomputation small.
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": min(256, max(16, 1 << (d - 1).bit_length()))}
 
 
 def _dot_flags(x: Tensor, w: Tensor) -> dict:
@@ -61,17 +50,15 @@ class TritonClassScores(torch.autograd.Function):
         c = w.shape[0]
         inv_norm = inverse_norms(w) if normalize else None
         args = _launch_args(x, w, bias, inv_norm, t32, scale, normalize)
-        blocks = _blocks(d)
         row_lse = torch.empty(n if rows else 0, dtype=torch.float32, device=x.device)
-        tiles = dict(BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"],
-                     **_dot_flags(x, w))
+        dot = _dot_flags(x, w)
         if rows:
-            K.fwd_rows[(triton.cdiv(n, blocks["BLOCK_M"]),)](*args["head"], row_lse, *args["sizes"], **args["flags"],
-                                                            **tiles)
+            K.fwd_rows[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](*args["head"], row_lse, *args["sizes"],
+                                                                       **args["flags"], **dot)
         col_lse = torch.empty(c if columns else 0, dtype=torch.float32, device=x.device)
         if columns:
-            K.fwd_cols[(triton.cdiv(c, blocks["BLOCK_N"]),)](*args["head"], col_lse, *args["sizes"], **args["flags"],
-                                                            **tiles)
+            K.fwd_cols[lambda meta: (triton.cdiv(c, meta["BLOCK_N"]),)](*args["head"], col_lse, *args["sizes"],
+                                                                       **args["flags"], **dot)
         v_t, _ = target_vectors(w, inv_norm, targets)
         target = (x.float() * v_t).sum(1)
         ctx.save_for_backward(x, w, bias, targets, row_lse, col_lse)
@@ -94,18 +81,14 @@ class TritonClassScores(torch.autograd.Function):
         db = None if bias is None else torch.zeros(c, dtype=torch.float32, device=x.device)
         has_row, has_col = g_row is not None and ctx.rows, g_col is not None and ctx.columns
         if has_row or has_col:
-            blocks = _blocks(d)
             dummy = row_lse.new_zeros(1)
             grads = (g_row.float().contiguous() if has_row else dummy, row_lse if has_row else dummy,
                      g_col.float().contiguous() if has_col else dummy, col_lse if has_col else dummy)
-            common = dict(**args["flags"], HAS_ROW=has_row, HAS_COL=has_col, **_dot_flags(x, w), num_warps=8,
-                          **blocks)
-            feature_blocks = triton.cdiv(d, blocks["BLOCK_D"])
-            K.bwd_dx[(triton.cdiv(n, blocks["BLOCK_M"]), feature_blocks)](*args["head"], *grads, dx, *args["sizes"],
-                                                                          **common)
-            K.bwd_dv[(triton.cdiv(c, blocks["BLOCK_N"]), feature_blocks)](*args["head"], *grads, dv,
-                                                                          dummy if db is None else db,
-                                                                          *args["sizes"], **common)
+            common = dict(**args["flags"], HAS_ROW=has_row, HAS_COL=has_col, **_dot_flags(x, w))
+            K.bwd_dx[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_D"]))](
+                *args["head"], *grads, dx, *args["sizes"], **common)
+            K.bwd_dv[lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]))](
+                *args["head"], *grads, dv, dummy if db is None else db, *args["sizes"], **common)
         if g_target is not None:
             v_t, has = target_vectors(w, inv_norm, targets)
             gt = g_target.float() * has  # rows without a target in this block add 0 to class 0

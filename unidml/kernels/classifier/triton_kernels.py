@@ -11,9 +11,39 @@ Every matrix product goes through `_dot`: both operands cast to the one compute 
 by the launcher (bf16 / fp16 on tensor cores, or fp32 with `PRECISION` "ieee" or "tf32"), fp32
 accumulation. Offsets into X, W, DX and DV are 64-bit (`_rows64`): row × stride passes 2^31 at about
 1.05 M classes of d = 2048.
+Tiles are autotuned (`triton.autotune`, keyed on d; one small config under TRITON_INTERPRET=1).
+The backward's feature block BLOCK_D is tuned with them: each backward kernel computes a logit tile
+once per feature block (twice at d = 512 with BLOCK_D = 256).
 """
+import os
+
 import triton
 import triton.language as tl
+
+
+def _configs(kind: str) -> list:
+    """Autotuning candidates (one tiny config when interpreted, so small test inputs still span several tiles).
+
+    The backward programs keep a (tile x BLOCK_D) fp32 accumulator and recompute their logit tiles once per
+    feature block: BLOCK_D is tuned too (128 or 256; at d = 512 a 512-wide block spills heavily on sm_90,
+    ptxas reports several KiB per thread), and a config that does not fit is skipped by the autotuner."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        extra = {"BLOCK_D": 16} if kind != "fwd" else {}
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, **extra}, num_warps=4)]
+    shapes = {  # (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, warps, stages)
+        "fwd": [(64, 64, 32, 0, 4, 3), (128, 128, 32, 0, 8, 3), (64, 128, 32, 0, 4, 3), (128, 64, 32, 0, 8, 3)],
+        "bwd_dx": [(64, 64, 32, 128, 8, 3), (64, 64, 32, 256, 8, 3), (16, 64, 32, 256, 4, 3), (32, 128, 32, 128, 8, 3)],
+        "bwd_dv": [(64, 64, 32, 128, 8, 3), (64, 64, 32, 256, 8, 3), (64, 16, 32, 256, 4, 3), (128, 32, 32, 128, 8, 3)],
+    }[kind]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": nb, "BLOCK_K": k, **({"BLOCK_D": bd} if bd else {})},
+                          num_warps=w, num_stages=st) for m, nb, k, bd, w, st in shapes]
+
+
+def _tuned(kind: str):
+    """Autotuned on d only: the class count changes from step to step under PartialFC sampling, and a new
+    key would tune again."""
+    return triton.autotune(configs=_configs(kind), key=["d"])
+
 
 
 @triton.jit
@@ -66,6 +96,7 @@ def _finish(run_max, run_sum):
     return tl.where(run_sum > 0, run_max + tl.log(tl.maximum(run_sum, 1e-30)), float("-inf"))
 
 
+@_tuned("fwd")
 @triton.jit
 def fwd_rows(X, W, INV, BIAS, T, ROW_LSE, n, c, d, sx, sw, scale, NORMALIZE: tl.constexpr,
              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -81,6 +112,7 @@ def fwd_rows(X, W, INV, BIAS, T, ROW_LSE, n, c, d, sx, sw, scale, NORMALIZE: tl.
     tl.store(ROW_LSE + rows, _finish(run_max, run_sum), mask=rows < n)
 
 
+@_tuned("fwd")
 @triton.jit
 def fwd_cols(X, W, INV, BIAS, T, COL_LSE, n, c, d, sx, sw, scale, NORMALIZE: tl.constexpr,
              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -112,6 +144,7 @@ def _grad_tile(logits, keep, rows, cols, n, c, GROW, ROW_LSE, GCOL, COL_LSE, sca
     return g * scale
 
 
+@_tuned("bwd_dx")
 @triton.jit
 def bwd_dx(X, W, INV, BIAS, T, GROW, ROW_LSE, GCOL, COL_LSE, DX, n, c, d, sx, sw, scale,
            NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,
@@ -133,6 +166,7 @@ def bwd_dx(X, W, INV, BIAS, T, GROW, ROW_LSE, GCOL, COL_LSE, DX, n, c, d, sx, sw
     tl.store(DX + _rows64(rows, d)[:, None] + feats[None, :], acc, mask=(rows[:, None] < n) & (feats[None, :] < d))
 
 
+@_tuned("bwd_dv")
 @triton.jit
 def bwd_dv(X, W, INV, BIAS, T, GROW, ROW_LSE, GCOL, COL_LSE, DV, DB, n, c, d, sx, sw, scale,
            NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ROW: tl.constexpr, HAS_COL: tl.constexpr,

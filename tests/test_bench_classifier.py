@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,7 @@ def triton_check_case() -> None:
     """The suite's check on the Triton kernels (bf16 embeddings, fp32 weights); run under TRITON_INTERPRET=1."""
     sys.path.insert(0, str(ROOT / "bench"))
     from classifier import check_case
-    from interpreter_dot import faithful_bf16_dot
+    from triton_interpreter import faithful_bf16_dot
 
     faithful_bf16_dot()
     result = check_case(300, 20, 40, "cpu", "bfloat16", backend="triton")
@@ -36,9 +37,5 @@ def triton_check_case() -> None:
 @pytest.mark.timeout(200)
 def test_gpu_check_passes_on_the_triton_path():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    code = "import test_bench_classifier as t; t.triton_check_case()"
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=180)
+    proc = run_interpreted("import test_bench_classifier as t; t.triton_check_case()", timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -8,15 +8,13 @@ the Triton path runs under TRITON_INTERPRET=1 in a subprocess, where the pairwis
 (contrastive, multi-similarity with a memory bank) and the classifier losses are counted.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from sync_counter import count_host_syncs
+from triton_interpreter import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.synthetic.classes=8", "data.synthetic.per_class=8", "data.synthetic.size=32", "data.image_size=32",
@@ -109,11 +107,7 @@ def triton_syncs(work: str) -> None:
 @pytest.mark.timeout(300)
 def test_one_host_sync_per_step_triton_interpreter(tmp_path):
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    code = f"import test_host_syncs as t; t.triton_syncs({str(tmp_path)!r})"
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=280)
+    proc = run_interpreted(f"import test_host_syncs as t; t.triton_syncs({str(tmp_path)!r})", timeout=280)
     assert proc.returncode == 0, proc.stderr[-4000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(counts) == set(TRITON)

@@ -5,14 +5,12 @@ only by summation order (a few ulps of the largest term); 1e-5 relative to the r
 covers that with a wide margin and still catches any missing or misplaced term.
 """
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import run_interpreted
 
 from unidml.kernels.classifier.dispatch import class_scores
 from unidml.kernels.classifier.head import ClassifierHead
@@ -307,7 +305,7 @@ def mixed_dtype_check() -> None:
     u·(|G|·|V|) per entry and dW by u·‖(|G|ᵀ·|X|)_k‖/‖w_k‖ per row (the normalisation's projection does not
     grow a row's 2-norm), and each gradient is rounded once more to its input's dtype; the bound asserted
     is twice the sum of those plus RTOL of the largest entry (observed: at most 0.76 of it)."""
-    from interpreter_dot import faithful_bf16_dot
+    from triton_interpreter import faithful_bf16_dot
 
     faithful_bf16_dot()
     gen = torch.Generator().manual_seed(11)
@@ -342,9 +340,5 @@ def mixed_dtype_check() -> None:
 @pytest.mark.timeout(300)
 def test_triton_interpreter_matches_reference():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
-    code = "import test_kernels_classifier as t; t.triton_check()"
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=280)
+    proc = run_interpreted("import test_kernels_classifier as t; t.triton_check()", timeout=280)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,12 +1,10 @@
 """The classifier Triton kernels compile for an H100 (sm_90) without a GPU: ahead-of-time, through Triton's own
 compiler and ptxas, for each compute dtype (bf16, fp16, fp32 with TF32 and IEEE), so a type or layout error
 in the GPU code path fails here rather than on the first device run. The interpreter tests check values."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from triton_interpreter import run_interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,9 +46,6 @@ def compile_all() -> None:
 @pytest.mark.timeout(300)
 def test_kernels_compile_for_sm90():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    code = "import test_kernels_classifier_compile as t; t.compile_all()"
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=280)
+    proc = run_interpreted("import test_kernels_classifier_compile as t; t.compile_all()", timeout=280,
+                           interpret=False)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -165,12 +165,14 @@ class TiledClassScores(torch.autograd.Function):
                     grad = row_part if grad is None else grad.add_(row_part)
                 col_sign = col_shift[1][s:e, None] if cols_live and not both else None
                 dx.addmm_(grad, v if col_sign is None else v * col_sign)
-                chunk_grad = torch.mm(grad.T, xs)
+                if db is None:
+                    chunk_grad = torch.mm(grad.T, xs, out=dv[s:e])
+                else:  # [dv | dbias] in one matmul against [x, 1]
+                    chunk_grad = torch.mm(grad.T, xs)
                 if col_sign is not None:
                     chunk_grad.mul_(col_sign)
-                dv[s:e] = chunk_grad[:, :d]
-                if db is not None:  # [dv | dbias] in one matmul against [x, 1]
-                    db[s:e] = chunk_grad[:, d]
+                if db is not None:
+                    dv[s:e], db[s:e] = chunk_grad[:, :d], chunk_grad[:, d]
             if rows_live and not both:
                 dx.mul_(row_shift[1][:, None])
         if g_target is not None:

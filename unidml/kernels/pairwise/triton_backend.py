@@ -27,11 +27,6 @@ def _blocks(d: int) -> dict[str, int]:
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": min(128, max(16, 1 << (d - 1).bit_length()))}
 
 
-def _dot_f32() -> bool:
-    """Upcast half tiles before tl.dot: only under the interpreter (its bf16 dot is unfaithful)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 class TritonRows(torch.autograd.Function):
     """(x, r) -> per-row (sums, counts) via the fused kernels; backward recomputes tiles."""
 
@@ -40,7 +35,8 @@ class TritonRows(torch.autograd.Function):
         from unidml.kernels.pairwise import triton_kernels as K
 
         x, r = x.contiguous(), r.contiguous()
-        y32, ry32 = y.to(torch.int32).contiguous(), ref_y.to(torch.int32).contiguous()
+        # Labels stay int64: an int32 copy would merge classes equal mod 2^32.
+        y64, ry64 = y.to(torch.int64).contiguous(), ref_y.to(torch.int64).contiguous()
         n, d = x.shape
         m = r.shape[0]
         euclid = not pair_metric(spec.metric).is_inverted  # distances need the squared norms
@@ -54,11 +50,11 @@ class TritonRows(torch.autograd.Function):
         blocks = _blocks(d)
         offset = 0 if self_offset is None else int(self_offset)
         K.rows_fwd[(triton.cdiv(n, blocks["BLOCK_M"]),)](
-            x, r, x_sq, r_sq, y32, ry32, sums, counts, stats, idx, n, m, d, x.stride(0), r.stride(0), offset, tol,
+            x, r, x_sq, r_sq, y64, ry64, sums, counts, stats, idx, n, m, d, x.stride(0), r.stride(0), offset, tol,
             *args.params, LOSS=int(args.loss), POWER=args.power, REDUCTION=int(args.reduction), EUCLID=euclid,
             HAS_SELF=self_offset is not None, BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"],
-            BLOCK_K=blocks["BLOCK_K"], DOT_F32=_dot_f32(), num_warps=4)
-        ctx.save_for_backward(x, r, x_sq, r_sq, y32, ry32, stats, idx)
+            BLOCK_K=blocks["BLOCK_K"], num_warps=4)
+        ctx.save_for_backward(x, r, x_sq, r_sq, y64, ry64, stats, idx)
         ctx.args = (args, tol, euclid, self_offset, blocks)
         ctx.mark_non_differentiable(counts)
         return sums, counts
@@ -67,22 +63,24 @@ class TritonRows(torch.autograd.Function):
     def backward(ctx, grad_sums: Tensor, _grad_counts: Tensor):
         from unidml.kernels.pairwise import triton_kernels as K
 
-        x, r, x_sq, r_sq, y32, ry32, stats, idx = ctx.saved_tensors
+        x, r, x_sq, r_sq, y64, ry64, stats, idx = ctx.saved_tensors
         args, tol, euclid, self_offset, blocks = ctx.args
         n, d = x.shape
         m = r.shape[0]
         grad_sums = grad_sums.float().contiguous()
         dx = torch.empty(n, d, dtype=torch.float32, device=x.device)
-        dr = torch.empty(m, d, dtype=torch.float32, device=x.device)
         offset = 0 if self_offset is None else int(self_offset)
         common = dict(LOSS=int(args.loss), POWER=args.power, EUCLID=euclid, HAS_SELF=self_offset is not None,
-                      DOT_F32=_dot_f32(), num_warps=8, **blocks)
+                      num_warps=8, **blocks)
         feature_blocks = triton.cdiv(d, blocks["BLOCK_D"])
         K.rows_bwd_dx[(triton.cdiv(n, blocks["BLOCK_M"]), feature_blocks)](
-            x, r, x_sq, r_sq, y32, ry32, grad_sums, stats, idx, dx, n, m, d, x.stride(0), r.stride(0), offset, tol,
+            x, r, x_sq, r_sq, y64, ry64, grad_sums, stats, idx, dx, n, m, d, x.stride(0), r.stride(0), offset, tol,
             *args.params, **common)
+        if not ctx.needs_input_grad[1]:  # detached references (a memory bank): no dR pass
+            return dx.to(x.dtype), None, None, None, None, None
+        dr = torch.empty(m, d, dtype=torch.float32, device=x.device)
         K.rows_bwd_dr[(triton.cdiv(m, blocks["BLOCK_N"]), feature_blocks)](
-            x, r, x_sq, r_sq, y32, ry32, grad_sums, stats, idx, dr, n, m, d, x.stride(0), r.stride(0), offset, tol,
+            x, r, x_sq, r_sq, y64, ry64, grad_sums, stats, idx, dr, n, m, d, x.stride(0), r.stride(0), offset, tol,
             *args.params, **common)
         return dx.to(x.dtype), dr.to(r.dtype), None, None, None, None
 

@@ -8,9 +8,8 @@ two passes (mining thresholds, then the masked log-sum-exps).
 Backward (`rows_bwd_dx`, `rows_bwd_dr`): recompute each tile, form dL/dV from the saved row
 statistics, and accumulate dX = G·R (row-block programs) and dR = Gᵀ·X (column-block programs),
 each over a block of feature columns.
-Half-precision tiles go to tl.dot as they are (tensor cores, fp32 accumulation); `DOT_F32` upcasts
-them first, which is used under TRITON_INTERPRET=1 only, whose bf16 dot is not faithful (bf16 x bf16
-products are exact in fp32, so the result is the same up to summation order).
+X and R arrive in one dtype (`dispatch.operand_dtype`): half-precision tiles go to tl.dot as they
+are (tensor cores, fp32 accumulation), fp32 ones in IEEE fp32.
 
 Loss ids, reduction ids and the parameters P0..P3 of each loss are those of `fused` (shared with
 the row programs). Pair values follow the duplicate rule of `geometry` with coefficient TOL.
@@ -31,32 +30,36 @@ PER_ANCHOR = tl.constexpr(int(ReductionId.PER_ANCHOR))
 
 
 @triton.jit
+def element_offsets(idx, feats, stride):
+    """Offsets idx_i·stride + f of a (rows x features) block, in int64: with int32 indices the product
+    wraps past 2^31 elements (e.g. 4.2 M references at d = 512)."""
+    return idx[:, None].to(tl.int64) * stride + feats[None, :]
+
+
+@triton.jit
 def _load_block(E, idx, feats, count, d, stride):
     """Rows `idx` x columns `feats` of an embedding matrix E (count x d, row stride `stride`), 0 outside."""
-    return tl.load(E + idx[:, None] * stride + feats[None, :], mask=(idx[:, None] < count) & (feats[None, :] < d),
+    return tl.load(E + element_offsets(idx, feats, stride), mask=(idx[:, None] < count) & (feats[None, :] < d),
                    other=0.0)
 
 
 @triton.jit
 def _dot_tile(X, R, rows, cols, n, m, d, sx, sr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+              BLOCK_K: tl.constexpr):
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, d, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = _load_block(X, rows, ks, n, d, sx)
         b = _load_block(R, cols, ks, m, d, sr)
-        if DOT_F32:
-            a, b = a.to(tl.float32), b.to(tl.float32)
         acc += tl.dot(a, tl.trans(b), input_precision="ieee")
     return acc
 
 
 @triton.jit
 def _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL, EUCLID: tl.constexpr,
-          HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          DOT_F32: tl.constexpr):
+          HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Pair values V (cosine or distance, duplicates snapped) and positive / negative masks of one tile."""
-    dots = _dot_tile(X, R, rows, cols, n, m, d, sx, sr, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+    dots = _dot_tile(X, R, rows, cols, n, m, d, sx, sr, BLOCK_M, BLOCK_N, BLOCK_K)
     yi = tl.load(Y + rows, mask=rows < n, other=0)
     yj = tl.load(RY + cols, mask=cols < m, other=0)
     inside = (rows[:, None] < n) & (cols[None, :] < m)
@@ -121,7 +124,7 @@ def _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3
 def rows_fwd(X, R, XSQ, RSQ, Y, RY, SUMS, COUNTS, STATS, IDX, n, m, d, sx, sr, self_offset, TOL,
              P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, REDUCTION: tl.constexpr,
              EUCLID: tl.constexpr, HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+             BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     zero = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_t, acc_c, cnt_t, cnt_c = zero, zero, zero, zero
@@ -133,14 +136,14 @@ def rows_fwd(X, R, XSQ, RSQ, Y, RY, SUMS, COUNTS, STATS, IDX, n, m, d, sx, sr, s
         for c0 in range(0, m, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
             v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
-                                EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+                                EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K)
             best_a = tl.maximum(best_a, tl.max(tl.where(neg, v, -1.0e30), 1))
             best_b = tl.minimum(best_b, tl.min(tl.where(pos, v, 1.0e30), 1))
         max_a, sum_a, max_b, sum_b = zero, zero + 1.0, zero, zero + 1.0  # the "1 +" term
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
-                            EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+                            EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K)
         if LOSS == CONTRASTIVE:
             u = v * P2
             over = tl.where(pos, tl.maximum(u - P0, 0.0), 0.0)
@@ -244,7 +247,7 @@ def _row_state(GS, STATS, IDX, rows, n):
 def _grad_block(X, R, XSQ, RSQ, Y, RY, rows, cols, feats, gt, gc, s0, s1, s2, s3, j0, j1, n, m, d, sx, sr,
                 self_offset, TOL, P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
                 HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                DOT_F32: tl.constexpr, FOR_REFS: tl.constexpr):
+                FOR_REFS: tl.constexpr):
     """One recomputed tile's share of dX (`FOR_REFS` false: W·R) or of dR (`FOR_REFS`: Wᵀ·X) over the
     feature block `feats`, and H for the norm term.
 
@@ -252,7 +255,7 @@ def _grad_block(X, R, XSQ, RSQ, Y, RY, rows, cols, feats, gt, gc, s0, s1, s2, s3
     W = -H, and the caller adds x_i Σ_j H_ij (dX) or r_j Σ_i H_ij (dR).
     """
     v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
-                        EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+                        EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K)
     w = _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3, LOSS, POWER)
     h = w
     if EUCLID:
@@ -264,8 +267,6 @@ def _grad_block(X, R, XSQ, RSQ, Y, RY, rows, cols, feats, gt, gc, s0, s1, s2, s3
     else:
         other = _load_block(R, cols, feats, m, d, sr)
     w = w.to(other.dtype)
-    if DOT_F32:
-        w, other = w.to(tl.float32), other.to(tl.float32)
     return tl.dot(w, other, input_precision="ieee"), h
 
 
@@ -274,14 +275,14 @@ def _store_grad(OUT, E, idx, feats, count, d, stride, acc, h_sum, EUCLID: tl.con
     """Write acc (+ e_i Σ H_i for distances) to rows `idx` of OUT (count x d, contiguous)."""
     if EUCLID:
         acc += _load_block(E, idx, feats, count, d, stride).to(tl.float32) * h_sum[:, None]
-    tl.store(OUT + idx[:, None] * d + feats[None, :], acc, mask=(idx[:, None] < count) & (feats[None, :] < d))
+    tl.store(OUT + element_offsets(idx, feats, d), acc, mask=(idx[:, None] < count) & (feats[None, :] < d))
 
 
 @triton.jit
 def rows_bwd_dx(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DX, n, m, d, sx, sr, self_offset, TOL,
                 P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
                 HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     gt, gc, s0, s1, s2, s3, j0, j1 = _row_state(GS, STATS, IDX, rows, n)
@@ -291,7 +292,7 @@ def rows_bwd_dx(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DX, n, m, d, sx, sr, self
         cols = c0 + tl.arange(0, BLOCK_N)
         part, h = _grad_block(X, R, XSQ, RSQ, Y, RY, rows, cols, feats, gt, gc, s0, s1, s2, s3, j0, j1, n, m, d,
                               sx, sr, self_offset, TOL, P0, P1, P2, P3, LOSS, POWER, EUCLID, HAS_SELF,
-                              BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, False)
+                              BLOCK_M, BLOCK_N, BLOCK_K, False)
         acc += part
         if EUCLID:
             h_sum += tl.sum(h, 1)
@@ -302,7 +303,7 @@ def rows_bwd_dx(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DX, n, m, d, sx, sr, self
 def rows_bwd_dr(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DR, n, m, d, sx, sr, self_offset, TOL,
                 P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
                 HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -312,7 +313,7 @@ def rows_bwd_dr(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DR, n, m, d, sx, sr, self
         gt, gc, s0, s1, s2, s3, j0, j1 = _row_state(GS, STATS, IDX, rows, n)
         part, h = _grad_block(X, R, XSQ, RSQ, Y, RY, rows, cols, feats, gt, gc, s0, s1, s2, s3, j0, j1, n, m, d,
                               sx, sr, self_offset, TOL, P0, P1, P2, P3, LOSS, POWER, EUCLID, HAS_SELF,
-                              BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, True)
+                              BLOCK_M, BLOCK_N, BLOCK_K, True)
         acc += part
         if EUCLID:
             h_sum += tl.sum(h, 0)

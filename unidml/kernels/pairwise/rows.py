@@ -226,10 +226,12 @@ class MultiSimilarityRows:
         easiest_pos = torch.where(cols.pos, pos_v, float("inf")).amin(1)
         lse_pos = masked_logsumexp(-self.alpha * (pos_v - self.base), kept_pos, add_one=True)
         # The largest kept negative is the hardest one (when any is kept): shift by it, and by the "1 +".
+        # log(1 + e^shift·total) as logaddexp(0, shift + log total): no kept negative gives exactly 0,
+        # where shift + log(total + e^-shift) is -inf once e^-shift underflows (shift > ~103).
         shift = (self.beta * (hardest_neg - self.base)).clamp_min(0.0)
         v_neg = self._kept_negatives(v, y, ref_y, easiest_pos)
         total = v_neg.mul_(self.beta).add_((-self.beta * self.base - shift)[:, None]).exp_().sum(1)
-        lse_neg = shift + torch.log(total + torch.exp(-shift))
+        lse_neg = torch.logaddexp(torch.zeros_like(shift), shift + torch.log(total))
         counts = torch.ones(v.shape[0], 2, dtype=v.dtype, device=v.device)
         saved = torch.stack([hardest_neg, easiest_pos, lse_pos, lse_neg], dim=1)
         return _stack(lse_pos / self.alpha, lse_neg / self.beta), counts, saved

@@ -83,7 +83,6 @@ def test_tiled_memory_never_holds_the_full_matrix(monkeypatch):
 
 @pytest.mark.parametrize("bad, message", [
     ({"backend": "cuda"}, "unknown backend"),
-    ({"backend": "triton", "mining": "all"}, "no triton kernel"),
     ({"mining": "hard"}, "unknown mining"),
     ({"distance": "manhattan"}, "unknown distance"),
 ])

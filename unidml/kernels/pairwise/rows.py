@@ -333,11 +333,12 @@ class TripletRows:
     metric: str
     name = "triplet"
 
-    def kernel_args(self) -> KernelArgs | None:
-        """Only batch-hard mining has a fused kernel (its two row statistics fit the one-pass form)."""
-        if self.mining != "batch_hard":
-            return None
-        return KernelArgs(LossId.BATCH_HARD_TRIPLET, (self.margin, 0.0, pair_metric(self.metric).sign, 0.0))
+    def kernel_args(self) -> KernelArgs:
+        """Batch-hard: one pass of row statistics; all / semi-hard: the triplet kernels (`triton_triplet`)."""
+        sign = pair_metric(self.metric).sign
+        if self.mining == "batch_hard":
+            return KernelArgs(LossId.BATCH_HARD_TRIPLET, (self.margin, 0.0, sign, 0.0))
+        return KernelArgs(LossId.TRIPLET, (self.margin, float(self.mining == "semi_hard"), sign, 0.0))
 
     def rows(self, v: Tensor, pos: Tensor, neg: Tensor, not_self: Tensor) -> tuple[Tensor, Tensor]:
         u = pair_metric(self.metric).dissimilarity(v)

@@ -7,7 +7,7 @@ import torch
 import triton
 from torch import Tensor
 
-from unidml.kernels.pairwise.fused import KernelArgs
+from unidml.kernels.pairwise.fused import KernelArgs, LossId
 from unidml.kernels.pairwise.geometry import duplicate_tolerance, pair_metric, squared_norms
 from unidml.kernels.pairwise.rows import RowProgram, fused_kernel_args
 
@@ -85,8 +85,85 @@ class TritonRows(torch.autograd.Function):
         return dx.to(x.dtype), dr.to(r.dtype), None, None, None, None
 
 
+def _triplet_blocks(d: int) -> dict[str, int]:
+    """Tile sizes of the triplet kernels: their (rows x KP x columns) compare needs smaller tiles."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16, "KP": 4}
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": min(128, max(16, 1 << (d - 1).bit_length())),
+            "KP": 8}
+
+
+def positive_segments(y: Tensor, ref_y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(order, lo, hi): reference columns sorted by label, and per anchor its label's segment
+    [lo, hi) of them (its positives, plus itself when anchors are the references). No host sync."""
+    sorted_y, order = torch.sort(ref_y, stable=True)
+    lo = torch.searchsorted(sorted_y, y)
+    hi = torch.searchsorted(sorted_y, y, right=True)
+    return order.contiguous(), lo.contiguous(), hi.contiguous()
+
+
+class TritonTripletRows(torch.autograd.Function):
+    """(x, r) -> per-row (sums, counts) of the triplet loss over all / semi-hard triplets (`triton_triplet`)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, r: Tensor, y: Tensor, ref_y: Tensor, spec: RowProgram, self_offset: int | None):
+        from unidml.kernels.pairwise import triton_triplet as K
+
+        x, r = x.contiguous(), r.contiguous()
+        y64, ry64 = y.to(torch.int64).contiguous(), ref_y.to(torch.int64).contiguous()
+        segments = positive_segments(y64, ry64)
+        n, d = x.shape
+        x_sq, r_sq = squared_norms(x).contiguous(), squared_norms(r).contiguous()
+        args = kernel_args(spec)
+        sums = x.new_empty(n, 2, dtype=torch.float32)
+        counts = x.new_empty(n, 2, dtype=torch.float32)
+        blocks = _triplet_blocks(d)
+        euclid = not pair_metric(spec.metric).is_inverted
+        ctx.common = dict(self_offset=0 if self_offset is None else int(self_offset), TOL=duplicate_tolerance(d),
+                          MARGIN=args.params[0], SIGN=args.params[2], EUCLID=euclid, HAS_SELF=self_offset is not None,
+                          SEMI_HARD=bool(args.params[1]), BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"],
+                          BLOCK_K=blocks["BLOCK_K"], KP=blocks["KP"], num_warps=4)
+        ctx.block_d = blocks["BLOCK_D"]
+        K.triplet_fwd[(triton.cdiv(n, blocks["BLOCK_M"]),)](
+            x, r, x_sq, r_sq, y64, ry64, *segments, sums, counts, n, r.shape[0], d, x.stride(0), r.stride(0),
+            **ctx.common)
+        ctx.save_for_backward(x, r, x_sq, r_sq, y64, ry64, *segments)
+        ctx.mark_non_differentiable(counts)
+        return sums, counts
+
+    @staticmethod
+    def backward(ctx, grad_sums: Tensor, _grad_counts: Tensor):
+        from unidml.kernels.pairwise import triton_triplet as K
+
+        x, r, x_sq, r_sq, y64, ry64, *segments = ctx.saved_tensors
+        n, d = x.shape
+        m = r.shape[0]
+        grad_sums = grad_sums.float().contiguous()
+        ref_grad = ctx.needs_input_grad[1]
+        dx = torch.empty(n, d, dtype=torch.float32, device=x.device)
+        # The positives' share of dR arrives by atomic adds; the negatives' is written by triplet_bwd_dr.
+        dr_pos = torch.zeros(m, d, dtype=torch.float32, device=x.device) if ref_grad else dx
+        r_scale = torch.zeros(m, dtype=torch.float32, device=x.device) if ref_grad else dx
+        features = triton.cdiv(d, ctx.block_d)
+        K.triplet_bwd_dx[(triton.cdiv(n, ctx.common["BLOCK_M"]), features)](
+            x, r, x_sq, r_sq, y64, ry64, *segments, grad_sums, dx, dr_pos, r_scale, n, m, d, x.stride(0),
+            r.stride(0), REF_GRAD=ref_grad, BLOCK_D=ctx.block_d, **ctx.common)
+        if not ref_grad:
+            return dx.to(x.dtype), None, None, None, None, None
+        dr = torch.empty(m, d, dtype=torch.float32, device=x.device)
+        K.triplet_bwd_dr[(triton.cdiv(m, ctx.common["BLOCK_N"]), features)](
+            x, r, x_sq, r_sq, y64, ry64, *segments, grad_sums, dr, n, m, d, x.stride(0), r.stride(0),
+            BLOCK_D=ctx.block_d, **ctx.common)
+        dr += dr_pos
+        if ctx.common["EUCLID"]:
+            dr += r.float() * r_scale[:, None]
+        return dx.to(x.dtype), dr.to(r.dtype), None, None, None, None
+
+
 def triton_rows(spec: RowProgram, x: Tensor, r: Tensor, y: Tensor, ref_y: Tensor,
                 self_offset: int | None) -> tuple[Tensor, Tensor]:
     """Per-anchor (sums, counts) of `spec` from the fused Triton kernels."""
+    if kernel_args(spec).loss == LossId.TRIPLET:
+        return TritonTripletRows.apply(x, r, y, ref_y, spec, self_offset)
     return TritonRows.apply(x, r, y, ref_y, spec, self_offset)
 

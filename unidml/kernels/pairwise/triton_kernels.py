@@ -37,7 +37,7 @@ def element_offsets(idx, feats, stride):
 
 
 @triton.jit
-def _load_block(E, idx, feats, count, d, stride):
+def load_block(E, idx, feats, count, d, stride):
     """Rows `idx` x columns `feats` of an embedding matrix E (count x d, row stride `stride`), 0 outside."""
     return tl.load(E + element_offsets(idx, feats, stride), mask=(idx[:, None] < count) & (feats[None, :] < d),
                    other=0.0)
@@ -49,14 +49,14 @@ def _dot_tile(X, R, rows, cols, n, m, d, sx, sr, BLOCK_M: tl.constexpr, BLOCK_N:
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, d, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a = _load_block(X, rows, ks, n, d, sx)
-        b = _load_block(R, cols, ks, m, d, sr)
+        a = load_block(X, rows, ks, n, d, sx)
+        b = load_block(R, cols, ks, m, d, sr)
         acc += tl.dot(a, tl.trans(b), input_precision="ieee")
     return acc
 
 
 @triton.jit
-def _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL, EUCLID: tl.constexpr,
+def pair_tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL, EUCLID: tl.constexpr,
           HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Pair values V (cosine or distance, duplicates snapped) and positive / negative masks of one tile."""
     dots = _dot_tile(X, R, rows, cols, n, m, d, sx, sr, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -69,14 +69,21 @@ def _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL, 
         pos = pos & (cols[None, :] != rows[:, None] + self_offset)
     neg = (yi[:, None] != yj[None, :]) & inside
     if EUCLID:
-        xs = tl.load(XSQ + rows, mask=rows < n, other=0.0)
-        rs = tl.load(RSQ + cols, mask=cols < m, other=0.0)
-        norms = xs[:, None] + rs[None, :]
-        d2 = norms - 2.0 * dots
-        v = tl.where(d2 > TOL * norms, tl.sqrt(tl.maximum(d2, 0.0)), 0.0)
+        xs = tl.load(XSQ + rows, mask=rows < n, other=0.0)[:, None]
+        rs = tl.load(RSQ + cols, mask=cols < m, other=0.0)[None, :]
     else:
-        v = tl.where(dots >= 1.0 - TOL, 1.0, dots)
-    return v, pos, neg
+        xs, rs = dots, dots  # unused: cosine values ignore the norms
+    return pair_values(dots, xs, rs, TOL, EUCLID), pos, neg
+
+
+@triton.jit
+def pair_values(dots, xs, rs, TOL, EUCLID: tl.constexpr):
+    """V from dot products and squared norms (broadcast to `dots`), with the duplicate rule."""
+    if EUCLID:
+        norms = xs + rs
+        d2 = norms - 2.0 * dots
+        return tl.where(d2 > TOL * norms, tl.sqrt(tl.maximum(d2, 0.0)), 0.0)
+    return tl.where(dots >= 1.0 - TOL, 1.0, dots)
 
 
 @triton.jit
@@ -135,14 +142,14 @@ def rows_fwd(X, R, XSQ, RSQ, Y, RY, SUMS, COUNTS, STATS, IDX, n, m, d, sx, sr, s
     if LOSS == MULTI_SIMILARITY:  # pass 1: hardest negative and easiest positive similarity per anchor
         for c0 in range(0, m, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
-            v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
+            v, pos, neg = pair_tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
                                 EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K)
             best_a = tl.maximum(best_a, tl.max(tl.where(neg, v, -1.0e30), 1))
             best_b = tl.minimum(best_b, tl.min(tl.where(pos, v, 1.0e30), 1))
         max_a, sum_a, max_b, sum_b = zero, zero + 1.0, zero, zero + 1.0  # the "1 +" term
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
+        v, pos, neg = pair_tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
                             EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K)
         if LOSS == CONTRASTIVE:
             u = v * P2
@@ -254,27 +261,42 @@ def _grad_block(X, R, XSQ, RSQ, Y, RY, rows, cols, feats, gt, gc, s0, s1, s2, s3
     With G = dL/dV: cosine W = G; distances dD_ij/dx_i = (x_i - r_j)/D_ij, so H = G/D (0 where D = 0),
     W = -H, and the caller adds x_i Σ_j H_ij (dX) or r_j Σ_i H_ij (dR).
     """
-    v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
+    v, pos, neg = pair_tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
                         EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K)
-    w = _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3, LOSS, POWER)
-    h = w
-    if EUCLID:
-        h = tl.where(v > 0, w / tl.where(v > 0, v, 1.0), 0.0)
-        w = -h
+    g = _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3, LOSS, POWER)
     if FOR_REFS:
-        other = _load_block(X, rows, feats, n, d, sx)
-        w = tl.trans(w)
-    else:
-        other = _load_block(R, cols, feats, m, d, sr)
-    w = w.to(other.dtype)
-    return tl.dot(w, other, input_precision="ieee"), h
+        return weighted_dot(g, v, X, rows, feats, n, d, sx, EUCLID, True)
+    return weighted_dot(g, v, R, cols, feats, m, d, sr, EUCLID, False)
 
 
 @triton.jit
-def _store_grad(OUT, E, idx, feats, count, d, stride, acc, h_sum, EUCLID: tl.constexpr):
+def weighted_dot(g, v, E, idx, feats, count, d, stride, EUCLID: tl.constexpr, FOR_REFS: tl.constexpr):
+    """(W·E[idx, feats] or Wᵀ·E[idx, feats] with `FOR_REFS`, H) for a tile's G = dL/dV and values V:
+    cosine W = H = G; distances H = G/D (0 where D = 0), W = -H (the caller adds the e·Σ H term)."""
+    h = g
+    w = g
+    if EUCLID:
+        h = tl.where(v > 0, g / tl.where(v > 0, v, 1.0), 0.0)
+        w = -h
+    other = load_block(E, idx, feats, count, d, stride)
+    if FOR_REFS:
+        w = tl.trans(w)
+    return tl.dot(w.to(other.dtype), other, input_precision="ieee"), h
+
+
+@triton.jit
+def grad_program(BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A backward program's (embedding rows, feature columns, zero gradient block, zero Σ H)."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return idx, feats, tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK], dtype=tl.float32)
+
+
+@triton.jit
+def store_grad(OUT, E, idx, feats, count, d, stride, acc, h_sum, EUCLID: tl.constexpr):
     """Write acc (+ e_i Σ H_i for distances) to rows `idx` of OUT (count x d, contiguous)."""
     if EUCLID:
-        acc += _load_block(E, idx, feats, count, d, stride).to(tl.float32) * h_sum[:, None]
+        acc += load_block(E, idx, feats, count, d, stride).to(tl.float32) * h_sum[:, None]
     tl.store(OUT + element_offsets(idx, feats, d), acc, mask=(idx[:, None] < count) & (feats[None, :] < d))
 
 
@@ -283,11 +305,8 @@ def rows_bwd_dx(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DX, n, m, d, sx, sr, self
                 P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
                 HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows, feats, acc, h_sum = grad_program(BLOCK_M, BLOCK_D)
     gt, gc, s0, s1, s2, s3, j0, j1 = _row_state(GS, STATS, IDX, rows, n)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    h_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         part, h = _grad_block(X, R, XSQ, RSQ, Y, RY, rows, cols, feats, gt, gc, s0, s1, s2, s3, j0, j1, n, m, d,
@@ -296,7 +315,7 @@ def rows_bwd_dx(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DX, n, m, d, sx, sr, self
         acc += part
         if EUCLID:
             h_sum += tl.sum(h, 1)
-    _store_grad(DX, X, rows, feats, n, d, sx, acc, h_sum, EUCLID)
+    store_grad(DX, X, rows, feats, n, d, sx, acc, h_sum, EUCLID)
 
 
 @triton.jit
@@ -304,10 +323,7 @@ def rows_bwd_dr(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DR, n, m, d, sx, sr, self
                 P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
                 HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    h_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    cols, feats, acc, h_sum = grad_program(BLOCK_N, BLOCK_D)
     for r0 in range(0, n, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         gt, gc, s0, s1, s2, s3, j0, j1 = _row_state(GS, STATS, IDX, rows, n)
@@ -317,4 +333,4 @@ def rows_bwd_dr(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DR, n, m, d, sx, sr, self
         acc += part
         if EUCLID:
             h_sum += tl.sum(h, 0)
-    _store_grad(DR, R, cols, feats, m, d, sr, acc, h_sum, EUCLID)
+    store_grad(DR, R, cols, feats, m, d, sr, acc, h_sum, EUCLID)

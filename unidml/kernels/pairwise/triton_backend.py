@@ -20,11 +20,12 @@ def kernel_args(spec: RowProgram) -> KernelArgs:
     return args
 
 
-def _blocks(d: int) -> dict[str, int]:
-    """Tile sizes (small under the interpreter so tiny test inputs still span several tiles)."""
+def feature_block(d: int) -> int:
+    """Feature columns per backward program: all of d up to 512 (each tile is then computed once per
+    backward kernel), 512-wide blocks beyond; 16 under the interpreter so d = 20 spans two blocks."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": min(128, max(16, 1 << (d - 1).bit_length()))}
+        return 16
+    return min(512, max(16, triton.next_power_of_2(d)))
 
 
 class TritonRows(torch.autograd.Function):
@@ -47,15 +48,13 @@ class TritonRows(torch.autograd.Function):
         counts = x.new_empty(n, 2, dtype=torch.float32)
         stats = x.new_empty(n, 4, dtype=torch.float32)
         idx = x.new_empty(n, 2, dtype=torch.int32)
-        blocks = _blocks(d)
         offset = 0 if self_offset is None else int(self_offset)
-        K.rows_fwd[(triton.cdiv(n, blocks["BLOCK_M"]),)](
+        K.rows_fwd[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)](
             x, r, x_sq, r_sq, y64, ry64, sums, counts, stats, idx, n, m, d, x.stride(0), r.stride(0), offset, tol,
             *args.params, LOSS=int(args.loss), POWER=args.power, REDUCTION=int(args.reduction), EUCLID=euclid,
-            HAS_SELF=self_offset is not None, BLOCK_M=blocks["BLOCK_M"], BLOCK_N=blocks["BLOCK_N"],
-            BLOCK_K=blocks["BLOCK_K"], num_warps=4)
+            HAS_SELF=self_offset is not None)
         ctx.save_for_backward(x, r, x_sq, r_sq, y64, ry64, stats, idx)
-        ctx.args = (args, tol, euclid, self_offset, blocks)
+        ctx.args = (args, tol, euclid, self_offset)
         ctx.mark_non_differentiable(counts)
         return sums, counts
 
@@ -64,33 +63,37 @@ class TritonRows(torch.autograd.Function):
         from unidml.kernels.pairwise import triton_kernels as K
 
         x, r, x_sq, r_sq, y64, ry64, stats, idx = ctx.saved_tensors
-        args, tol, euclid, self_offset, blocks = ctx.args
+        args, tol, euclid, self_offset = ctx.args
         n, d = x.shape
         m = r.shape[0]
         grad_sums = grad_sums.float().contiguous()
-        dx = torch.empty(n, d, dtype=torch.float32, device=x.device)
         offset = 0 if self_offset is None else int(self_offset)
+        block_d = feature_block(d)
         common = dict(LOSS=int(args.loss), POWER=args.power, EUCLID=euclid, HAS_SELF=self_offset is not None,
-                      num_warps=8, **blocks)
-        feature_blocks = triton.cdiv(d, blocks["BLOCK_D"])
-        K.rows_bwd_dx[(triton.cdiv(n, blocks["BLOCK_M"]), feature_blocks)](
-            x, r, x_sq, r_sq, y64, ry64, grad_sums, stats, idx, dx, n, m, d, x.stride(0), r.stride(0), offset, tol,
-            *args.params, **common)
-        if not ctx.needs_input_grad[1]:  # detached references (a memory bank): no dR pass
-            return dx.to(x.dtype), None, None, None, None, None
-        dr = torch.empty(m, d, dtype=torch.float32, device=x.device)
-        K.rows_bwd_dr[(triton.cdiv(m, blocks["BLOCK_N"]), feature_blocks)](
-            x, r, x_sq, r_sq, y64, ry64, grad_sums, stats, idx, dr, n, m, d, x.stride(0), r.stride(0), offset, tol,
-            *args.params, **common)
-        return dx.to(x.dtype), dr.to(r.dtype), None, None, None, None
+                      BLOCK_D=block_d)
+        dx = dr = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty(n, d, dtype=torch.float32, device=x.device)
+            K.rows_bwd_dx[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_d))](
+                x, r, x_sq, r_sq, y64, ry64, grad_sums, stats, idx, dx, n, m, d, x.stride(0), r.stride(0), offset,
+                tol, *args.params, **common)
+            dx = dx.to(x.dtype)
+        if ctx.needs_input_grad[1]:  # not for detached references (a memory bank)
+            dr = torch.empty(m, d, dtype=torch.float32, device=x.device)
+            K.rows_bwd_dr[lambda meta: (triton.cdiv(m, meta["BLOCK_N"]), triton.cdiv(d, block_d))](
+                x, r, x_sq, r_sq, y64, ry64, grad_sums, stats, idx, dr, n, m, d, x.stride(0), r.stride(0), offset,
+                tol, *args.params, **common)
+            dr = dr.to(r.dtype)
+        return dx, dr, None, None, None, None
 
 
 def _triplet_blocks(d: int) -> dict[str, int]:
-    """Tile sizes of the triplet kernels: their (rows x KP x columns) compare needs smaller tiles."""
+    """Tile sizes of the triplet kernels (fixed: the dX kernel's atomic adds rule out autotuning's
+    repeated launches): their (rows x KP x columns) compare and (rows x KP x features) gathers need
+    smaller tiles than the other kernels."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": 16, "KP": 4}
-    return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": min(128, max(16, 1 << (d - 1).bit_length())),
-            "KP": 8}
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": min(64, feature_block(d)), "KP": 8}
 
 
 def positive_segments(y: Tensor, ref_y: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -16,6 +16,8 @@ the row programs). Pair values follow the duplicate rule of `geometry` with coef
 Row statistics S0..S3 saved for backward: MS (lse_pos, lse_neg, hardest neg, easiest pos),
 SNCA/SupCon (lse_all, lse_pos, #positives, -), batch-hard (active, -, -, -) plus its two columns.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -27,6 +29,24 @@ SNCA = tl.constexpr(int(LossId.SNCA))
 SUPCON = tl.constexpr(int(LossId.SUPCON))
 MEAN_NONZERO = tl.constexpr(int(ReductionId.MEAN_NONZERO))
 PER_ANCHOR = tl.constexpr(int(ReductionId.PER_ANCHOR))
+
+
+def _configs(shapes: tuple[tuple[int, int, int, int, int], ...]) -> list[triton.Config]:
+    """Autotuning candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); one small config under the
+    interpreter, so tiny test inputs still span several tiles and nothing is benchmarked."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in shapes]
+
+
+# Forward: (BLOCK_M x BLOCK_N) fp32 tiles with a BLOCK_K-deep operand pipeline (H100-sized candidates).
+FWD_CONFIGS = _configs(((64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3),
+                        (128, 128, 32, 8, 3), (128, 64, 64, 8, 4)))
+# Backward: each program also holds a (BLOCK x BLOCK_D) fp32 gradient block, BLOCK_D up to 512.
+BWD_CONFIGS = _configs(((32, 32, 64, 4, 3), (32, 64, 32, 4, 3), (64, 32, 32, 8, 3), (64, 64, 32, 8, 3),
+                        (32, 64, 64, 8, 4), (64, 64, 64, 8, 3)))
+TUNE_KEY = ["n", "m", "d", "LOSS", "EUCLID"]
 
 
 @triton.jit
@@ -127,6 +147,7 @@ def _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3
     return g
 
 
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def rows_fwd(X, R, XSQ, RSQ, Y, RY, SUMS, COUNTS, STATS, IDX, n, m, d, sx, sr, self_offset, TOL,
              P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, REDUCTION: tl.constexpr,
@@ -300,6 +321,7 @@ def store_grad(OUT, E, idx, feats, count, d, stride, acc, h_sum, EUCLID: tl.cons
     tl.store(OUT + element_offsets(idx, feats, d), acc, mask=(idx[:, None] < count) & (feats[None, :] < d))
 
 
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def rows_bwd_dx(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DX, n, m, d, sx, sr, self_offset, TOL,
                 P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
@@ -318,6 +340,7 @@ def rows_bwd_dx(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DX, n, m, d, sx, sr, self
     store_grad(DX, X, rows, feats, n, d, sx, acc, h_sum, EUCLID)
 
 
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def rows_bwd_dr(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DR, n, m, d, sx, sr, self_offset, TOL,
                 P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,

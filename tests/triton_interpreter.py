@@ -33,3 +33,21 @@ def faithful_bf16_dot() -> None:
 
     create_dot.faithful_bf16 = True
     InterpreterBuilder.create_dot = create_dot
+
+
+def run_interpreted(code: str, timeout: int) -> str:
+    """Run Python `code` in a fresh process under TRITON_INTERPRET=1 (set before triton is imported),
+    with this tree and tests/ importable and the faithful bf16 dot in place; its stderr tail if it
+    failed, else "" (so `assert not run_interpreted(...)` shows why)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]))
+    prelude = "import triton_interpreter; triton_interpreter.faithful_bf16_dot()\n"
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", prelude + code], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=timeout)
+    return "" if proc.returncode == 0 else proc.stderr[-4000:] or f"exit code {proc.returncode}"

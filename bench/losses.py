@@ -7,6 +7,13 @@ against PML (`pml`) and our `reference` backend measured in the same run.
 
   python bench/losses.py --sizes 1024 8192 --losses contrastive multi_similarity supcon
   python bench/losses.py --device cuda --dtype bfloat16 --sizes 16384 --backends triton reference pml
+
+`--n N` instead compares, at that one size, the fused backend with the GEMM floor (the three matmuls
+of one pairwise forward+backward at the same shapes: V = X·Rᵀ, dX = G·R, dR = Gᵀ·X) and with PML,
+after checking the fused backend against the reference at the timed d; it writes one JSON object
+(`{"skipped": "no CUDA device"}` when --device cuda finds none):
+
+  python bench/losses.py --device cuda --n 16384 --d 512 --json OUT.json
 """
 from __future__ import annotations
 
@@ -21,12 +28,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LOSSES = ("contrastive", "contrastive_dense", "multi_similarity", "supcon", "triplet", "snca")
+LOSSES = ("contrastive", "contrastive_dense", "multi_similarity", "supcon", "triplet", "triplet_all", "snca")
 BACKENDS = ("tiled", "reference", "pml", "triton")
 # Our side (loss name, parameters); the PML side is in _pml_loss. Random unit vectors in 512-d sit
 # at distance ~1.41, so with neg_margin=1 no negative is active (the hinge's sparse case);
 # `contrastive_dense` uses neg_margin=1.5, where every negative is active.
 CASES = {"triplet": ("triplet", {"mining": "batch_hard", "margin": 0.1}),
+         "triplet_all": ("triplet", {"mining": "all", "margin": 0.1}),
          "contrastive_dense": ("contrastive", {"neg_margin": 1.5})}
 
 
@@ -44,6 +52,8 @@ def _pml_loss(name: str):
         return losses.SupConLoss(temperature=0.1), None
     if name == "triplet":
         return losses.TripletMarginLoss(margin=0.1), miners.BatchHardMiner()
+    if name == "triplet_all":
+        return losses.TripletMarginLoss(margin=0.1), None
     raise ValueError(f"no pytorch-metric-learning counterpart for {name}")
 
 
@@ -140,7 +150,8 @@ def verify(device: str, dtype: str, backends: list[str], n: int = 1000, d: int =
     upstream = torch.rand(n, 2, device=device)
     rtol, grad_rtol = (1e-4, 1e-4) if dtype == "float32" else (1e-3, 2.0 ** -5)
     problems = []
-    cases = [CASES.get(name, (name, {})) for name in LOSSES] + [("contrastive", {"distance": "cosine"})]
+    cases = [CASES.get(name, (name, {})) for name in LOSSES] + [("contrastive", {"distance": "cosine"}),
+                                                                 ("triplet", {"mining": "semi_hard", "margin": 0.1})]
     for name, params in cases:
         loss = build_loss(name, backend="tiled", **params)
         x = z if not loss.normalize else torch.nn.functional.normalize(z, dim=1)
@@ -165,6 +176,68 @@ def verify(device: str, dtype: str, backends: list[str], n: int = 1000, d: int =
             if status != "ok":
                 problems.append(line)
     return problems
+
+
+PML_ALL_TRIPLETS_MAX_N = 4096
+
+
+def gemm_floor_s(n: int, d: int, device: str, dtype: str, reps: int) -> float:
+    """Median time of the three matmuls one pairwise forward+backward cannot avoid at n x n x d."""
+    import torch
+
+    x = torch.randn(n, d, device=device, dtype=getattr(torch, dtype))
+    g = torch.randn(n, n, device=device, dtype=x.dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for i in range(reps + 1):  # the first is a warm-up
+        sync()
+        start = time.perf_counter()
+        x @ x.T, g @ x, g.T @ x
+        sync()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def floor_report(args: argparse.Namespace) -> dict:
+    """Fused backend (triton on CUDA, tiled on CPU) vs the GEMM floor vs PML at n = args.n, with the
+    kernel check at the timed d first; ratios are of medians measured in this run."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    fused = "triton" if args.device == "cuda" else "tiled"
+    mismatches = verify(args.device, args.dtype, [fused], n=args.verify_n, d=args.d)
+    floor = gemm_floor_s(args.n, args.d, args.device, args.dtype, args.reps)
+    results = []
+    for name in args.losses:
+        times = {}
+        for backend in (fused, "pml"):
+            if backend == "pml" and (name == "snca" or (name == "triplet_all" and args.n > PML_ALL_TRIPLETS_MAX_N)):
+                continue  # no counterpart; PML lists every (a, p, n) index triple (~0.8 G at n = 16k)
+            row = run_case(name, backend, args.n, args.d, args.device, args.dtype, args.reps)
+            row["vs_gemm_floor"] = row["time_s"] / floor
+            times[backend] = row["time_s"]
+            results.append(row)
+        if "pml" in times:
+            results[-2]["vs_pml"] = times[fused] / times["pml"]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    return {"device": device, "dtype": args.dtype, "n": args.n, "d": args.d, "reps": args.reps,
+            "verify": {"n": args.verify_n, "d": args.d, "ok": not mismatches, "mismatches": mismatches},
+            "gemm_floor_s": floor, "results": results}
+
+
+def _floor_table(report: dict) -> str:
+    lines = [f"device={report['device']} dtype={report['dtype']} n={report['n']} d={report['d']} "
+             f"check at d={report['d']}: {'ok' if report['verify']['ok'] else 'MISMATCH'}; "
+             f"GEMM floor {report['gemm_floor_s'] * 1e3:.2f} ms",
+             "| loss | backend | fwd+bwd (ms) | / GEMM floor | / PML | peak extra mem (MiB) |",
+             "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        vs_pml = f"{r['vs_pml']:.2f}" if "vs_pml" in r else "-"
+        lines.append(f"| {r['loss']} | {r['backend']} | {r['time_s'] * 1e3:.2f} | {r['vs_gemm_floor']:.2f} | "
+                     f"{vs_pml} | {r['peak_mib']:.1f} |")
+    return "\n".join(lines)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -219,7 +292,10 @@ def main() -> int:
     parser.add_argument("--sizes", nargs="+", type=int, default=[1024, 4096, 8192])
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="embedding dtype (default: bfloat16 with --n, float32 otherwise)")
+    parser.add_argument("--n", type=int, help="compare with the GEMM floor and PML at this one size (JSON report)")
+    parser.add_argument("--verify-n", type=int, default=2048, help="rows of the kernel check before --n timings")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads per case (0: torch's default)")
     parser.add_argument("--max-dense-n", type=int, default=16384, help="largest n for backends that build n x n")
@@ -229,6 +305,16 @@ def main() -> int:
     parser.add_argument("--verify", action="store_true",
                         help="only compare --backends with the reference on --device/--dtype (exit 1 on mismatch)")
     args = parser.parse_args()
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.n else "float32"
+    if args.n:
+        if "--losses" not in sys.argv:
+            args.losses = ["contrastive", "multi_similarity", "supcon", "triplet", "triplet_all"]
+        report = floor_report(args)
+        print(json.dumps(report) if "skipped" in report else _floor_table(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
+        return 0 if "skipped" in report or report["verify"]["ok"] else 1
     if args.verify:
         return 1 if verify(args.device, args.dtype, args.backends) else 0
     if args.case:

@@ -120,11 +120,15 @@ def edge_cases():
 def triton_check(which: str) -> None:
     """Compare the Triton backend with the reference (run under TRITON_INTERPRET=1 in a subprocess).
 
-    which: `random` (all kernel-backed cases on random inputs), `edge` (degenerate cases) or `half`
-    (bf16 / fp16 kernel inputs against the fp32 reference on the same rounded values).
+    which: `random` (all kernel-backed cases on random inputs), `edge` (degenerate cases) or `mixed`
+    (bf16 / fp16 / fp32 embeddings, references and memory banks in every combination, through the
+    public loss API, on the GPU code path: half operands reach `tl.dot` as they are).
     """
+    from triton_interpreter import faithful_bf16_dot
+
     from unidml.kernels.pairwise.dispatch import triton_supports
 
+    faithful_bf16_dot()
     cases = [(n, p) for n, p in PAIRWISE_CASES
              if triton_supports(build_loss(n, backend="tiled", **p).spec)]
     failures = []
@@ -143,10 +147,60 @@ def triton_check(which: str) -> None:
         elif which == "edge":
             for label, z, y, ref in edge_cases():
                 check(f"{name} {params} {label}", lambda: check_edge(name, params, label, z, y, ref, "triton"))
-        else:  # bf16 for every kernel, fp16 (same code path, other rounding) for the first one
-            for dtype in (torch.bfloat16, torch.float16) if (name, params) == cases[0] else (torch.bfloat16,):
-                check(f"{name} {params} {dtype}", lambda: _check_half(name, params, dtype))
+        else:  # every dtype pair for the first loss and the memory bank; the crash's mixture for all
+            first = (name, params) == cases[0]
+            pairs = [(a, b) for a in DTYPES for b in DTYPES] if first else [(torch.bfloat16, torch.float32)]
+            for emb_dtype, ref_dtype in pairs:
+                check(f"{name} {params} {emb_dtype}/{ref_dtype}",
+                      lambda: check_mixed(name, params, emb_dtype, ref_dtype))
+    if which == "mixed":
+        for emb_dtype in DTYPES:
+            for bank_dtype in DTYPES:
+                check(f"memory bank {emb_dtype}/{bank_dtype}", lambda: check_bank(emb_dtype, bank_dtype))
     assert not failures, "\n".join(failures)
+
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+def mixed_grad_rtol(*dtypes) -> float:
+    """4u of the coarsest dtype involved: the Triton backward rounds G once to the operand dtype and
+    both backends round each gradient once to its input's dtype; 1e-5 when all are fp32."""
+    return max(1e-5, 4.0 * max(UNIT_ROUNDOFF[d] for d in dtypes))
+
+
+def check_mixed(name: str, params: dict, emb_dtype, ref_dtype) -> None:
+    """Triton equals the reference through the public API on embeddings and references of two dtypes
+    (n = 19 anchors, m = 21 references, d = 20: off the block multiple, not a power of two)."""
+    z, y = random_case(19, 20, 4, seed=4, dtype=emb_dtype)
+    rz, ry = random_case(21, 20, 4, seed=5, dtype=ref_dtype)
+    got = run_loss(name, params, "triton", z, y, (rz, ry))
+    want = run_loss(name, params, "reference", z, y, (rz, ry))
+    assert got[1].dtype == emb_dtype and got[2].dtype == ref_dtype, "gradients not in the inputs' dtypes"
+    assert_same(got, want, 1e-5, f"{name} {emb_dtype}/{ref_dtype}",
+                grad_rtol=mixed_grad_rtol(emb_dtype, ref_dtype))
+
+
+def check_bank(emb_dtype, bank_dtype) -> None:
+    """multi_similarity+xbm with its memory bank held in `bank_dtype`: Triton equals the reference on
+    the second step (anchors against the bank holding both batches)."""
+    gen = torch.Generator().manual_seed(6)
+    batches = [(torch.randn(13, 20, generator=gen).to(emb_dtype), torch.randint(0, 3, (13,), generator=gen))
+               for _ in range(2)]
+    results = []
+    for backend in ("triton", "reference"):
+        loss = build_loss("multi_similarity", embedding_dim=20, memory={"size": 30}, backend=backend)
+        loss.memory_emb = loss.memory_emb.to(bank_dtype)
+        loss.train()
+        for z, y in batches:
+            zz = z.clone().requires_grad_()
+            value = loss(zz, y)
+            value.backward()
+        assert loss.memory_emb.dtype == bank_dtype
+        results.append((value.detach(), zz.grad, None, loss.terms))
+    assert_same(results[0], results[1], 1e-5, f"bank {emb_dtype}/{bank_dtype}",
+                grad_rtol=mixed_grad_rtol(emb_dtype, bank_dtype))
 
 
 # Edge cases made of copies of one point set: how many copies of each point (z, or the references).
@@ -176,24 +230,3 @@ def check_edge(name: str, params: dict, label: str, z, y, ref, backend: str, chu
     got_counts = pair_counts(name, params, backend, z, y, ref, chunk_rows)
     want_counts = pair_counts(name, params, "reference", z, y, ref)
     assert torch.equal(got_counts, want_counts), f"{name} {label}: counts {got_counts} vs {want_counts}"
-
-
-def _check_half(name, params, dtype):
-    """Kernel on half inputs vs the reference on the same values in fp32 (fixed upstream gradient)."""
-    from unidml.kernels.pairwise.reference import reference_rows
-    from unidml.kernels.pairwise.triton_backend import triton_rows
-
-    spec = build_loss(name, backend="tiled", **params).spec
-    z, y = random_case(35, 24, 4, seed=4)
-    x = torch.nn.functional.normalize(z, dim=1).to(dtype)
-    upstream = torch.rand(35, 2, generator=torch.Generator().manual_seed(0))
-    results = []
-    for fn, inp in ((triton_rows, x), (reference_rows, x.float())):
-        xx = inp.detach().clone().requires_grad_()
-        sums, counts = fn(spec, xx, xx, y, y, 0)
-        (sums * upstream).sum().backward()
-        results.append((sums.detach(), counts, xx.grad.float()))
-    (s1, c1, g1), (s2, c2, g2) = results
-    assert torch.equal(c1, c2), f"{name} {dtype}: counts differ"
-    assert (s1 - s2).abs().max() <= 1e-4 * max(1.0, s2.abs().max().item()), f"{name} {dtype}: sums differ"
-    assert (g1 - g2).abs().max() <= 2.0 ** -6 * g2.abs().max(), f"{name} {dtype}: gradients differ"

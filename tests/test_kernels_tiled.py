@@ -22,8 +22,9 @@ def test_tiled_matches_reference_edge_cases(name, params):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name, params", PAIRWISE_CASES[::3])
 def test_half_precision_inputs(name, params, dtype):
+    # Both backends compute from the same operands (normalised, in the input's dtype), in fp32.
     z, y = random_case(31, 16, 4, seed=5, dtype=dtype)
-    want = run_loss(name, params, "reference", z.float(), y)
+    want = run_loss(name, params, "reference", z, y)
     got = run_loss(name, params, "tiled", z, y, chunk_rows=8)
     assert got[1].dtype == dtype
     assert_same(got, want, 1e-5, f"{name} {dtype}", grad_rtol=HALF_GRAD_RTOL[dtype])
@@ -82,7 +83,6 @@ def test_tiled_memory_never_holds_the_full_matrix(monkeypatch):
 
 @pytest.mark.parametrize("bad, message", [
     ({"backend": "cuda"}, "unknown backend"),
-    ({"backend": "triton", "mining": "all"}, "no triton kernel"),
     ({"mining": "hard"}, "unknown mining"),
     ({"distance": "manhattan"}, "unknown distance"),
 ])
@@ -199,3 +199,24 @@ def test_pair_metrics_are_the_configurable_metrics():
     assert pair_metric("cosine").is_inverted and not pair_metric("euclidean").is_inverted
     with pytest.raises(ValueError, match="unknown metric 'manhattan'"):
         pair_metric("manhattan")
+
+
+@pytest.mark.parametrize("mining", ["all", "semi_hard"])
+def test_triplet_oracle_memory_is_bounded_by_anchor_chunks(monkeypatch, mining):
+    # The reference enumerates (chunk, m, m) triplets at a time: with room for 3 anchors per chunk it
+    # still equals the tiled backend; with less than one anchor's m² it refuses, naming the tiled one.
+    import unidml.kernels.pairwise.rows as rows
+
+    z, y = random_case(40, 8, 5, seed=3)
+    params = {"margin": 0.3, "mining": mining}
+    monkeypatch.setattr(rows, "TRIPLET_ORACLE_ELEMENTS", 3 * 40 * 40)
+    shapes = []
+    count = rows.TripletRows._triplet_counts
+    monkeypatch.setattr(rows.TripletRows, "_triplet_counts",
+                        lambda self, u, pos, neg: shapes.append(u.shape) or count(self, u, pos, neg))
+    assert_same(run_loss("triplet", params, "reference", z, y), run_loss("triplet", params, "tiled", z, y),
+                1e-5, f"triplet {mining}")
+    assert max(s[0] for s in shapes) == 3 and sum(s[0] for s in shapes) == 40
+    monkeypatch.setattr(rows, "TRIPLET_ORACLE_ELEMENTS", 40 * 40 - 1)
+    with pytest.raises(ValueError, match="use backend 'tiled'"):
+        run_loss("triplet", params, "reference", z, y)

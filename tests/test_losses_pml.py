@@ -3,6 +3,7 @@ import pytest
 import torch
 from losses_helpers import random_case, run_loss
 from pytorch_metric_learning import distances, losses, miners
+from triton_interpreter import assert_runs_interpreted
 
 
 def _pml(loss_fn, z, y, miner=None, ref=None):
@@ -38,16 +39,32 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "tiled"])
-@pytest.mark.parametrize("name, params, make", CASES)
-def test_matches_pml(name, params, make, backend):
-    for seed, (n, classes) in enumerate([(32, 4), (45, 9)]):
+def check_against_pml(name, params, make, backend, sizes=((32, 4), (45, 9))):
+    for seed, (n, classes) in enumerate(sizes):
         z, y = random_case(n, 16, classes, seed + 100)
         ours = run_loss(name, params, backend, z, y, chunk_rows=10)
         loss_fn, miner = make()
         theirs = _pml(loss_fn, z, y, miner)
         assert ours[0].item() == pytest.approx(theirs[0].item(), rel=1e-5, abs=1e-7)
         torch.testing.assert_close(ours[1], theirs[1], rtol=1e-4, atol=1e-5 * theirs[1].abs().max().item())
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+@pytest.mark.parametrize("name, params, make", CASES)
+def test_matches_pml(name, params, make, backend):
+    check_against_pml(name, params, make, backend)
+
+
+def triton_triplets_against_pml():
+    """Every triplet case of CASES on the Triton backend (under TRITON_INTERPRET=1) against PML."""
+    for name, params, make in CASES:
+        if name == "triplet":
+            check_against_pml(name, params, make, "triton", sizes=((32, 4),))
+
+
+@pytest.mark.timeout(300)
+def test_triton_triplets_match_pml_under_the_interpreter():
+    assert_runs_interpreted("import test_losses_pml as T; T.triton_triplets_against_pml()", timeout=280)
 
 
 @pytest.mark.parametrize("name, params, make", CASES[::2])

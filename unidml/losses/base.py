@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unidml.kernels.pairwise.dispatch import pairwise_rows, resolve_backend
+from unidml.kernels.pairwise.dispatch import operand_dtype, pairwise_rows, resolve_backend
 from unidml.kernels.pairwise.reference import pair_matrix
 from unidml.runtime.collectives import all_reduce_sum, gather_references, world_size
 from unidml.runtime.device import choose_device
@@ -192,11 +192,13 @@ class PairwiseLoss(DecomposedLoss):
         self.chunk_rows = chunk_rows
 
     def _prepare(self, z: Tensor) -> Tensor:
+        """`z` normalised (when the loss normalises) in fp32, back in its own dtype when that is bf16 or
+        fp16: the operands every backend then computes from (`dispatch.operand_dtype`), so the backend
+        choice does not change the values the loss sees."""
         x = z.float()
         if self.normalize:
             x = F.normalize(x, dim=1)
-        # The fused kernel reads half precision directly (fp32 accumulation); others compute in fp32.
-        return x.to(z.dtype) if self.backend == "triton" else x
+        return x.to(operand_dtype(z.dtype))
 
     def compute(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
         x, y = self._prepare(inputs.embeddings), inputs.labels

@@ -84,7 +84,7 @@ class CrossBatchMemoryLoss(DecomposedLoss):
             return tightness, contrast
         x, y = self.loss._prepare(inputs.embeddings), inputs.labels
         start = self._enqueue(x.detach().float(), y)
-        refs = self.memory_emb[:self._filled].to(x.dtype)
+        refs = self.memory_emb[:self._filled]  # any dtype: the dispatcher casts both operands
         world = world_size()
         mem_t, mem_c = self.loss.terms_against(x, y, refs, self.memory_labels[:self._filled],
                                                start + rank() * x.shape[0], world)

@@ -24,9 +24,30 @@ def resolve_backend(backend: str, spec, device: torch.device) -> str:
     return choose_kernel_backend(backend, device, triton_supports(spec), str(spec))
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def operand_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The one dtype the pair values are computed from: the promotion of the operands' dtypes
+    (bf16 with fp32 gives fp32, bf16 with fp16 gives fp32, so no operand is rounded), kept in half
+    precision only when every operand is that half type; anything else (fp64) becomes fp32, the
+    accumulation type of every backend."""
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
+    return dtype if dtype in HALF_DTYPES else torch.float32
+
+
 def pairwise_rows(spec, x: Tensor, r: Tensor, y: Tensor, ref_y: Tensor, self_offset: int | None,
                   backend: str, chunk_rows: int | None = None) -> tuple[Tensor, Tensor]:
-    """Per-anchor (sums, counts), both (n, 2), of row program `spec` on a resolved `backend`."""
+    """Per-anchor (sums, counts), both (n, 2), of row program `spec` on a resolved `backend`.
+
+    Anchors and references are cast here, once, to `operand_dtype` (the Triton kernels feed both to
+    one `tl.dot`, which needs one dtype); the reference and tiled backends then compute in fp32 from
+    those same values, so every backend sees identical operands.
+    """
+    dtype = operand_dtype(x.dtype, r.dtype)
+    x, r = x.to(dtype), r.to(dtype)
     if backend == "reference":
         return reference_rows(spec, x.float(), r.float(), y, ref_y, self_offset)
     if backend == "tiled":

@@ -5,7 +5,8 @@ ids (imported as `tl.constexpr` in `triton_kernels`), so no id is written twice.
 
 Parameters P0..P3 per loss (u = sign·V is the dissimilarity, `geometry.PairMetric`):
 contrastive (pos margin on u, neg margin on u, sign, -), multi-similarity (α, β, base, ε),
-SNCA / SupCon (temperature, -, -, -), batch-hard triplet (margin, -, sign, -).
+SNCA / SupCon (temperature, -, -, -), batch-hard triplet (margin, -, sign, -), triplet over all or
+semi-hard triplets (margin, 1 if semi-hard else 0, sign, -; kernels in `triton_triplet`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class LossId(IntEnum):
     SNCA = 2
     SUPCON = 3
     BATCH_HARD_TRIPLET = 4
+    TRIPLET = 5
 
 
 class ReductionId(IntEnum):

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from unidml.kernels.pairwise.tiled import SameColumns
 
 NEG_INF = float("-inf")
+TRIPLET_ORACLE_ELEMENTS = 1 << 25  # (chunk, m, m) elements per chunk of the triplet oracle
 
 
 @runtime_checkable
@@ -226,10 +227,12 @@ class MultiSimilarityRows:
         easiest_pos = torch.where(cols.pos, pos_v, float("inf")).amin(1)
         lse_pos = masked_logsumexp(-self.alpha * (pos_v - self.base), kept_pos, add_one=True)
         # The largest kept negative is the hardest one (when any is kept): shift by it, and by the "1 +".
+        # log(1 + e^shift·total) as logaddexp(0, shift + log total): no kept negative gives exactly 0,
+        # where shift + log(total + e^-shift) is -inf once e^-shift underflows (shift > ~103).
         shift = (self.beta * (hardest_neg - self.base)).clamp_min(0.0)
         v_neg = self._kept_negatives(v, y, ref_y, easiest_pos)
         total = v_neg.mul_(self.beta).add_((-self.beta * self.base - shift)[:, None]).exp_().sum(1)
-        lse_neg = shift + torch.log(total + torch.exp(-shift))
+        lse_neg = torch.logaddexp(torch.zeros_like(shift), shift + torch.log(total))
         counts = torch.ones(v.shape[0], 2, dtype=v.dtype, device=v.device)
         saved = torch.stack([hardest_neg, easiest_pos, lse_pos, lse_neg], dim=1)
         return _stack(lse_pos / self.alpha, lse_neg / self.beta), counts, saved
@@ -330,11 +333,12 @@ class TripletRows:
     metric: str
     name = "triplet"
 
-    def kernel_args(self) -> KernelArgs | None:
-        """Only batch-hard mining has a fused kernel (its two row statistics fit the one-pass form)."""
-        if self.mining != "batch_hard":
-            return None
-        return KernelArgs(LossId.BATCH_HARD_TRIPLET, (self.margin, 0.0, pair_metric(self.metric).sign, 0.0))
+    def kernel_args(self) -> KernelArgs:
+        """Batch-hard: one pass of row statistics; all / semi-hard: the triplet kernels (`triton_triplet`)."""
+        sign = pair_metric(self.metric).sign
+        if self.mining == "batch_hard":
+            return KernelArgs(LossId.BATCH_HARD_TRIPLET, (self.margin, 0.0, sign, 0.0))
+        return KernelArgs(LossId.TRIPLET, (self.margin, float(self.mining == "semi_hard"), sign, 0.0))
 
     def rows(self, v: Tensor, pos: Tensor, neg: Tensor, not_self: Tensor) -> tuple[Tensor, Tensor]:
         u = pair_metric(self.metric).dissimilarity(v)
@@ -361,18 +365,37 @@ class TripletRows:
         return _stack(tight, contrast), torch.stack([count, count], dim=1)
 
     def reference_rows(self, v: Tensor, pos: Tensor, neg: Tensor, not_self: Tensor) -> tuple[Tensor, Tensor]:
+        """Every (anchor, positive, negative) enumerated, a chunk of anchors at a time so the (c, m, m)
+        temporaries stay under TRIPLET_ORACLE_ELEMENTS; only per-pair counts (c, m) outlive a chunk."""
         u = pair_metric(self.metric).dissimilarity(v)
         if self.mining == "batch_hard":
             return self._batch_hard(u, pos, neg)
+        m = u.shape[1]
+        chunk = TRIPLET_ORACLE_ELEMENTS // max(m * m, 1)
+        if chunk == 0:
+            raise ValueError(f"triplet mining '{self.mining}' on the reference backend enumerates m² = {m * m} "
+                             f"triplets per anchor (over {TRIPLET_ORACLE_ELEMENTS}); use backend 'tiled'")
+        per_pos, per_neg = [], []
+        with torch.no_grad():
+            for s in range(0, u.shape[0], chunk):
+                per_pos_chunk, per_neg_chunk = self._triplet_counts(u[s:s + chunk], pos[s:s + chunk], neg[s:s + chunk])
+                per_pos.append(per_pos_chunk)
+                per_neg.append(per_neg_chunk)
+        per_pos, per_neg = torch.cat(per_pos), torch.cat(per_neg)
+        # Σ over active triplets of u_ap and of (margin - u_an): each pair value times its triplet count
+        # (piecewise constant, so autograd gives the triplets' gradient).
+        tight = (per_pos * u).sum(1)
+        contrast = (per_neg * (self.margin - u)).sum(1)
+        count = per_neg.sum(1)
+        return _stack(tight, contrast), torch.stack([count, count], dim=1)
+
+    def _triplet_counts(self, u: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
+        """Per anchor row, how many active triplets each positive and each negative column is in."""
         gap = u[:, None, :] - u[:, :, None]  # [i, p, n] = u_an - u_ap
         active = pos[:, :, None] & neg[:, None, :] & (gap < self.margin)
         if self.mining == "semi_hard":
-            active = active & (gap > 0)
-        zero = torch.zeros_like(gap)
-        tight = torch.where(active, u[:, :, None].expand_as(gap), zero).sum((1, 2))
-        contrast = torch.where(active, (self.margin - u)[:, None, :].expand_as(gap), zero).sum((1, 2))
-        count = active.sum((1, 2)).to(u.dtype)
-        return _stack(tight, contrast), torch.stack([count, count], dim=1)
+            active &= gap > 0
+        return active.sum(2).to(u.dtype), active.sum(1).to(u.dtype)
 
     def _batch_hard(self, u: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
         hardest_pos = torch.where(pos, u, torch.full_like(u, NEG_INF)).max(1).values

@@ -8,15 +8,16 @@ two passes (mining thresholds, then the masked log-sum-exps).
 Backward (`rows_bwd_dx`, `rows_bwd_dr`): recompute each tile, form dL/dV from the saved row
 statistics, and accumulate dX = G·R (row-block programs) and dR = Gᵀ·X (column-block programs),
 each over a block of feature columns.
-Half-precision tiles go to tl.dot as they are (tensor cores, fp32 accumulation); `DOT_F32` upcasts
-them first, which is used under TRITON_INTERPRET=1 only, whose bf16 dot is not faithful (bf16 x bf16
-products are exact in fp32, so the result is the same up to summation order).
+X and R arrive in one dtype (`dispatch.operand_dtype`): half-precision tiles go to tl.dot as they
+are (tensor cores, fp32 accumulation), fp32 ones in IEEE fp32.
 
 Loss ids, reduction ids and the parameters P0..P3 of each loss are those of `fused` (shared with
 the row programs). Pair values follow the duplicate rule of `geometry` with coefficient TOL.
 Row statistics S0..S3 saved for backward: MS (lse_pos, lse_neg, hardest neg, easiest pos),
 SNCA/SupCon (lse_all, lse_pos, #positives, -), batch-hard (active, -, -, -) plus its two columns.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -30,33 +31,55 @@ MEAN_NONZERO = tl.constexpr(int(ReductionId.MEAN_NONZERO))
 PER_ANCHOR = tl.constexpr(int(ReductionId.PER_ANCHOR))
 
 
+def _configs(shapes: tuple[tuple[int, int, int, int, int], ...]) -> list[triton.Config]:
+    """Autotuning candidates (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); one small config under the
+    interpreter, so tiny test inputs still span several tiles and nothing is benchmarked."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in shapes]
+
+
+# Forward: (BLOCK_M x BLOCK_N) fp32 tiles with a BLOCK_K-deep operand pipeline (H100-sized candidates).
+FWD_CONFIGS = _configs(((64, 64, 32, 4, 3), (64, 64, 64, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3),
+                        (128, 128, 32, 8, 3), (128, 64, 64, 8, 4)))
+# Backward: each program also holds a (BLOCK x BLOCK_D) fp32 gradient block, BLOCK_D up to 512.
+BWD_CONFIGS = _configs(((32, 32, 64, 4, 3), (32, 64, 32, 4, 3), (64, 32, 32, 8, 3), (64, 64, 32, 8, 3),
+                        (32, 64, 64, 8, 4), (64, 64, 64, 8, 3)))
+TUNE_KEY = ["n", "m", "d", "LOSS", "EUCLID"]
+
+
 @triton.jit
-def _load_block(E, idx, feats, count, d, stride):
+def element_offsets(idx, feats, stride):
+    """Offsets idx_i·stride + f of a (rows x features) block, in int64: with int32 indices the product
+    wraps past 2^31 elements (e.g. 4.2 M references at d = 512)."""
+    return idx[:, None].to(tl.int64) * stride + feats[None, :]
+
+
+@triton.jit
+def load_block(E, idx, feats, count, d, stride):
     """Rows `idx` x columns `feats` of an embedding matrix E (count x d, row stride `stride`), 0 outside."""
-    return tl.load(E + idx[:, None] * stride + feats[None, :], mask=(idx[:, None] < count) & (feats[None, :] < d),
+    return tl.load(E + element_offsets(idx, feats, stride), mask=(idx[:, None] < count) & (feats[None, :] < d),
                    other=0.0)
 
 
 @triton.jit
 def _dot_tile(X, R, rows, cols, n, m, d, sx, sr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+              BLOCK_K: tl.constexpr):
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, d, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        a = _load_block(X, rows, ks, n, d, sx)
-        b = _load_block(R, cols, ks, m, d, sr)
-        if DOT_F32:
-            a, b = a.to(tl.float32), b.to(tl.float32)
+        a = load_block(X, rows, ks, n, d, sx)
+        b = load_block(R, cols, ks, m, d, sr)
         acc += tl.dot(a, tl.trans(b), input_precision="ieee")
     return acc
 
 
 @triton.jit
-def _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL, EUCLID: tl.constexpr,
-          HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          DOT_F32: tl.constexpr):
+def pair_tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL, EUCLID: tl.constexpr,
+          HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Pair values V (cosine or distance, duplicates snapped) and positive / negative masks of one tile."""
-    dots = _dot_tile(X, R, rows, cols, n, m, d, sx, sr, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+    dots = _dot_tile(X, R, rows, cols, n, m, d, sx, sr, BLOCK_M, BLOCK_N, BLOCK_K)
     yi = tl.load(Y + rows, mask=rows < n, other=0)
     yj = tl.load(RY + cols, mask=cols < m, other=0)
     inside = (rows[:, None] < n) & (cols[None, :] < m)
@@ -66,14 +89,21 @@ def _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL, 
         pos = pos & (cols[None, :] != rows[:, None] + self_offset)
     neg = (yi[:, None] != yj[None, :]) & inside
     if EUCLID:
-        xs = tl.load(XSQ + rows, mask=rows < n, other=0.0)
-        rs = tl.load(RSQ + cols, mask=cols < m, other=0.0)
-        norms = xs[:, None] + rs[None, :]
-        d2 = norms - 2.0 * dots
-        v = tl.where(d2 > TOL * norms, tl.sqrt(tl.maximum(d2, 0.0)), 0.0)
+        xs = tl.load(XSQ + rows, mask=rows < n, other=0.0)[:, None]
+        rs = tl.load(RSQ + cols, mask=cols < m, other=0.0)[None, :]
     else:
-        v = tl.where(dots >= 1.0 - TOL, 1.0, dots)
-    return v, pos, neg
+        xs, rs = dots, dots  # unused: cosine values ignore the norms
+    return pair_values(dots, xs, rs, TOL, EUCLID), pos, neg
+
+
+@triton.jit
+def pair_values(dots, xs, rs, TOL, EUCLID: tl.constexpr):
+    """V from dot products and squared norms (broadcast to `dots`), with the duplicate rule."""
+    if EUCLID:
+        norms = xs + rs
+        d2 = norms - 2.0 * dots
+        return tl.where(d2 > TOL * norms, tl.sqrt(tl.maximum(d2, 0.0)), 0.0)
+    return tl.where(dots >= 1.0 - TOL, 1.0, dots)
 
 
 @triton.jit
@@ -117,11 +147,12 @@ def _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3
     return g
 
 
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def rows_fwd(X, R, XSQ, RSQ, Y, RY, SUMS, COUNTS, STATS, IDX, n, m, d, sx, sr, self_offset, TOL,
              P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, REDUCTION: tl.constexpr,
              EUCLID: tl.constexpr, HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+             BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     zero = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_t, acc_c, cnt_t, cnt_c = zero, zero, zero, zero
@@ -132,15 +163,15 @@ def rows_fwd(X, R, XSQ, RSQ, Y, RY, SUMS, COUNTS, STATS, IDX, n, m, d, sx, sr, s
     if LOSS == MULTI_SIMILARITY:  # pass 1: hardest negative and easiest positive similarity per anchor
         for c0 in range(0, m, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
-            v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
-                                EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+            v, pos, neg = pair_tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
+                                EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K)
             best_a = tl.maximum(best_a, tl.max(tl.where(neg, v, -1.0e30), 1))
             best_b = tl.minimum(best_b, tl.min(tl.where(pos, v, 1.0e30), 1))
         max_a, sum_a, max_b, sum_b = zero, zero + 1.0, zero, zero + 1.0  # the "1 +" term
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
-        v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
-                            EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
+        v, pos, neg = pair_tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
+                            EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K)
         if LOSS == CONTRASTIVE:
             u = v * P2
             over = tl.where(pos, tl.maximum(u - P0, 0.0), 0.0)
@@ -244,76 +275,85 @@ def _row_state(GS, STATS, IDX, rows, n):
 def _grad_block(X, R, XSQ, RSQ, Y, RY, rows, cols, feats, gt, gc, s0, s1, s2, s3, j0, j1, n, m, d, sx, sr,
                 self_offset, TOL, P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
                 HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                DOT_F32: tl.constexpr, FOR_REFS: tl.constexpr):
+                FOR_REFS: tl.constexpr):
     """One recomputed tile's share of dX (`FOR_REFS` false: W·R) or of dR (`FOR_REFS`: Wᵀ·X) over the
     feature block `feats`, and H for the norm term.
 
     With G = dL/dV: cosine W = G; distances dD_ij/dx_i = (x_i - r_j)/D_ij, so H = G/D (0 where D = 0),
     W = -H, and the caller adds x_i Σ_j H_ij (dX) or r_j Σ_i H_ij (dR).
     """
-    v, pos, neg = _tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
-                        EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32)
-    w = _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3, LOSS, POWER)
-    h = w
-    if EUCLID:
-        h = tl.where(v > 0, w / tl.where(v > 0, v, 1.0), 0.0)
-        w = -h
+    v, pos, neg = pair_tile(X, R, XSQ, RSQ, Y, RY, rows, cols, n, m, d, sx, sr, self_offset, TOL,
+                        EUCLID, HAS_SELF, BLOCK_M, BLOCK_N, BLOCK_K)
+    g = _grad_tile(v, pos, neg, cols, gt, gc, s0, s1, s2, s3, j0, j1, P0, P1, P2, P3, LOSS, POWER)
     if FOR_REFS:
-        other = _load_block(X, rows, feats, n, d, sx)
-        w = tl.trans(w)
-    else:
-        other = _load_block(R, cols, feats, m, d, sr)
-    w = w.to(other.dtype)
-    if DOT_F32:
-        w, other = w.to(tl.float32), other.to(tl.float32)
-    return tl.dot(w, other, input_precision="ieee"), h
+        return weighted_dot(g, v, X, rows, feats, n, d, sx, EUCLID, True)
+    return weighted_dot(g, v, R, cols, feats, m, d, sr, EUCLID, False)
 
 
 @triton.jit
-def _store_grad(OUT, E, idx, feats, count, d, stride, acc, h_sum, EUCLID: tl.constexpr):
+def weighted_dot(g, v, E, idx, feats, count, d, stride, EUCLID: tl.constexpr, FOR_REFS: tl.constexpr):
+    """(W·E[idx, feats] or Wᵀ·E[idx, feats] with `FOR_REFS`, H) for a tile's G = dL/dV and values V:
+    cosine W = H = G; distances H = G/D (0 where D = 0), W = -H (the caller adds the e·Σ H term)."""
+    h = g
+    w = g
+    if EUCLID:
+        h = tl.where(v > 0, g / tl.where(v > 0, v, 1.0), 0.0)
+        w = -h
+    other = load_block(E, idx, feats, count, d, stride)
+    if FOR_REFS:
+        w = tl.trans(w)
+    return tl.dot(w.to(other.dtype), other, input_precision="ieee"), h
+
+
+@triton.jit
+def grad_program(BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A backward program's (embedding rows, feature columns, zero gradient block, zero Σ H)."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return idx, feats, tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK], dtype=tl.float32)
+
+
+@triton.jit
+def store_grad(OUT, E, idx, feats, count, d, stride, acc, h_sum, EUCLID: tl.constexpr):
     """Write acc (+ e_i Σ H_i for distances) to rows `idx` of OUT (count x d, contiguous)."""
     if EUCLID:
-        acc += _load_block(E, idx, feats, count, d, stride).to(tl.float32) * h_sum[:, None]
-    tl.store(OUT + idx[:, None] * d + feats[None, :], acc, mask=(idx[:, None] < count) & (feats[None, :] < d))
+        acc += load_block(E, idx, feats, count, d, stride).to(tl.float32) * h_sum[:, None]
+    tl.store(OUT + element_offsets(idx, feats, d), acc, mask=(idx[:, None] < count) & (feats[None, :] < d))
 
 
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def rows_bwd_dx(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DX, n, m, d, sx, sr, self_offset, TOL,
                 P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
                 HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows, feats, acc, h_sum = grad_program(BLOCK_M, BLOCK_D)
     gt, gc, s0, s1, s2, s3, j0, j1 = _row_state(GS, STATS, IDX, rows, n)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    h_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     for c0 in range(0, m, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         part, h = _grad_block(X, R, XSQ, RSQ, Y, RY, rows, cols, feats, gt, gc, s0, s1, s2, s3, j0, j1, n, m, d,
                               sx, sr, self_offset, TOL, P0, P1, P2, P3, LOSS, POWER, EUCLID, HAS_SELF,
-                              BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, False)
+                              BLOCK_M, BLOCK_N, BLOCK_K, False)
         acc += part
         if EUCLID:
             h_sum += tl.sum(h, 1)
-    _store_grad(DX, X, rows, feats, n, d, sx, acc, h_sum, EUCLID)
+    store_grad(DX, X, rows, feats, n, d, sx, acc, h_sum, EUCLID)
 
 
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def rows_bwd_dr(X, R, XSQ, RSQ, Y, RY, GS, STATS, IDX, DR, n, m, d, sx, sr, self_offset, TOL,
                 P0, P1, P2, P3, LOSS: tl.constexpr, POWER: tl.constexpr, EUCLID: tl.constexpr,
                 HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    feats = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    h_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+                BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    cols, feats, acc, h_sum = grad_program(BLOCK_N, BLOCK_D)
     for r0 in range(0, n, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         gt, gc, s0, s1, s2, s3, j0, j1 = _row_state(GS, STATS, IDX, rows, n)
         part, h = _grad_block(X, R, XSQ, RSQ, Y, RY, rows, cols, feats, gt, gc, s0, s1, s2, s3, j0, j1, n, m, d,
                               sx, sr, self_offset, TOL, P0, P1, P2, P3, LOSS, POWER, EUCLID, HAS_SELF,
-                              BLOCK_M, BLOCK_N, BLOCK_K, DOT_F32, True)
+                              BLOCK_M, BLOCK_N, BLOCK_K, True)
         acc += part
         if EUCLID:
             h_sum += tl.sum(h, 0)
-    _store_grad(DR, R, cols, feats, m, d, sr, acc, h_sum, EUCLID)
+    store_grad(DR, R, cols, feats, m, d, sr, acc, h_sum, EUCLID)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from unidml.config import check_runtime, to_yaml
 from unidml.data_pipeline import build_dataset, build_train_loader
+from unidml.engine.accumulation import check_groups, ends_group, group_size, steps_in_epoch
 from unidml.engine.backends import build_backend
 from unidml.engine.distributed import DistEnv, mean_over_ranks
 from unidml.engine.embed_chunks import chunked_step, chunking_record
@@ -62,6 +63,7 @@ class Trainer:
         if len(self.loader) < cfg.train.grad_accum:
             raise UserError(f"train.batch_size: {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum} "
                             f"leaves no full step in an epoch of {len(train_set)} images")
+        check_groups(len(self.loader), cfg.train.grad_accum, cfg.engine.backend)
         model = build_model(cfg.model, image_size=cfg.data.image_size)
         loss = build_loss_from_config(OmegaConf.to_container(cfg.loss, resolve=True), num_classes=train_set.num_classes,
                                       embedding_dim=model.embedding_dim, device=self.device)
@@ -69,7 +71,7 @@ class Trainer:
         if cfg.engine.channels_last and cfg.engine.backend != "deepspeed":
             # DeepSpeed flattens/broadcasts parameters as contiguous buffers: there only inputs go channels_last.
             self.module = self.module.to(memory_format=torch.channels_last)
-        self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
+        self.steps_per_epoch = steps_in_epoch(len(self.loader), cfg.train.grad_accum)
         self.backend = build_backend(self.module, cfg, env, self.steps_per_epoch * cfg.train.epochs)
         self.evaluator = Evaluator(cfg, self.dataset, env, train_set=train_set)
         self.record = RunRecord(run_dir, env.is_main, cfg.eval.split)
@@ -170,8 +172,10 @@ class Trainer:
         accum = cfg.train.grad_accum
         meter = StepMeter(self.steps_per_epoch, cfg.train.batch_size * accum, f"epoch {epoch + 1}/{cfg.train.epochs}",
                           self.env.is_main)
+        num_micro = len(self.loader)
         for micro, (images, labels) in enumerate(meter.timed(self.loader)):
-            ends_step = (micro + 1) % accum == 0
+            ends_step = ends_group(micro, num_micro, accum)
+            self.backend.set_group(group_size(micro, num_micro, accum))
             loss, grad_norm = self.train_step(images, labels, ends_step)
             meter.add({"train_loss": loss, **self._loss_terms()})
             if ends_step:
@@ -179,7 +183,7 @@ class Trainer:
                 if self.kill_switch is not None:
                     self.kill_switch.after_step(epoch)
             meter.done(stepped=ends_step)
-            if ends_step and (self.step % cfg.train.log_every == 0 or micro + 1 == len(self.loader)):
+            if ends_step and (self.step % cfg.train.log_every == 0 or micro + 1 == num_micro):
                 self._log_step(meter, loss, grad_norm)
         meter.close()
         if meter.images:

@@ -120,6 +120,10 @@ class DeepSpeedBackend:
         inputs of their dtype)."""
         return self.engine(images.to(self.native_dtype), labels)
 
+    def set_group(self, micro_batches: int) -> None:
+        """Nothing to set: DeepSpeed divides by its gradient_accumulation_steps, and the trainer refuses
+        an epoch whose micro-batches leave a shorter group."""
+
     def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed reduces at its accumulation boundary itself
 

@@ -78,8 +78,11 @@ class TorchBackend:
         """Gradient all-reduce on the next backward only when `enabled` (DDP `no_sync` otherwise)."""
         return contextlib.nullcontext() if enabled or not self.ddp else self.wrapped.no_sync()
 
+    def set_group(self, micro_batches: int) -> None:
+        self.accum = micro_batches
+
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
-        """What to differentiate for one micro-batch: loss / grad_accum, times the fp16 loss scale."""
+        """What to differentiate for one micro-batch: loss / its group's size, times the fp16 loss scale."""
         return self.scaler.scale(loss / self.accum)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -59,7 +59,7 @@ class TorchBackend:
     def _wrap(self, module: nn.Module, sync_bn: bool) -> nn.Module:
         if sync_bn:
             sync_batch_norm(module.model)
-        device_ids = [self.env.local_rank] if self.env.device.type == "cuda" else None
+        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         # A class-sharded loss head (loss.head_parallel) is not replicated: its gradients are not averaged.
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             module, class_sharded_names(module))

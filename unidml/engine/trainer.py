@@ -36,6 +36,7 @@ from unidml.engine.run_log import RunLog
 from unidml.engine.run_record import RunRecord, query_counts, write_text_atomic
 from unidml.engine.train_step import TrainStep
 from unidml.errors import UserError
+from unidml.evaluation.knn import announce_faiss
 from unidml.losses import build_loss_from_config
 from unidml.models import build_model
 from unidml.runtime.precision import precision_of, settle_precision, warn_if_emulated
@@ -74,6 +75,8 @@ class Trainer:
         self.steps_per_epoch = steps_in_epoch(len(self.loader), cfg.train.grad_accum)
         self.backend = build_backend(self.module, cfg, env, self.steps_per_epoch * cfg.train.epochs)
         self.evaluator = Evaluator(cfg, self.dataset, env, train_set=train_set)
+        if env.is_main:
+            announce_faiss(self.device)
         self.record = RunRecord(run_dir, env.is_main, cfg.eval.split)
         self.record.embed_chunks = chunking_record(self.module.model, cfg.engine.embed_chunks, env.is_main)
         self.guard = RunGuard(cfg.engine.max_skipped_steps, self.record, run_dir / "checkpoints")

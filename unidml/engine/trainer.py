@@ -39,6 +39,8 @@ from unidml.errors import UserError
 from unidml.evaluation.knn import announce_faiss
 from unidml.losses import build_loss_from_config
 from unidml.models import build_model
+from unidml.runtime.determinism import configure_determinism
+from unidml.runtime.memory_format import channels_last
 from unidml.runtime.precision import precision_of, settle_precision, warn_if_emulated
 from unidml.seeding import derived_seed, seed_everything
 
@@ -56,6 +58,7 @@ class Trainer:
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
         self.device = env.device
         seed_everything(cfg.train.seed)
+        configure_determinism(cfg.train.deterministic, self.device)
         self.dataset = build_dataset(cfg.data, seed=cfg.train.seed)
         train_set = self.dataset.train
         self.loader = build_train_loader(
@@ -69,8 +72,8 @@ class Trainer:
         loss = build_loss_from_config(OmegaConf.to_container(cfg.loss, resolve=True), num_classes=train_set.num_classes,
                                       embedding_dim=model.embedding_dim, device=self.device)
         self.module = TrainStep(model, loss).to(self.device)
-        if cfg.engine.channels_last and cfg.engine.backend != "deepspeed":
-            # DeepSpeed flattens/broadcasts parameters as contiguous buffers: there only inputs go channels_last.
+        self.layout = channels_last(cfg.engine.channels_last, self.device, cfg.engine.backend, model)
+        if self.layout.weights:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.steps_per_epoch = steps_in_epoch(len(self.loader), cfg.train.grad_accum)
         self.backend = build_backend(self.module, cfg, env, self.steps_per_epoch * cfg.train.epochs)
@@ -199,7 +202,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, ends_step: bool) -> tuple[torch.Tensor, float]:
         """Forward and backward of one micro-batch (chunked with `engine.embed_chunks`); when it ends an
         accumulation group, also the optimizer step. Returns (its loss, the step's gradient norm or NaN)."""
-        if self.cfg.engine.channels_last:
+        if self.layout.inputs:
             images = images.contiguous(memory_format=torch.channels_last)
         chunks = self.cfg.engine.embed_chunks
         if chunks > 1:

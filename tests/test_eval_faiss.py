@@ -69,3 +69,27 @@ def test_gpu_resources_are_made_once_per_device_and_reused(fake_gpu_faiss):
     assert len(made) == 2
     assert [device for _, device in used] == [1, 1, 1, 0]
     assert used[0][0] is used[1][0] is used[2][0] and used[3][0] is not used[0][0]
+
+
+def test_same_label_positions_vectorized_equal_a_per_query_loop():
+    """The relevant references of each query (for the full-ranking metrics), own id left out, against
+    the per-query loop they replace; uneven class sizes, queries of absent classes, shuffled ids."""
+    from unidml.evaluation.retrieval import _same_label_positions
+
+    rng = np.random.default_rng(3)
+    shard_labels = rng.integers(0, 7, 60)
+    ids = rng.permutation(1000)[:60]
+    index = knn.ShardIndex(rng.standard_normal((60, 4)).astype(np.float32), ids)
+    query_labels = np.concatenate([shard_labels[:30], [7, 8]])  # two labels the shard lacks
+    query_ids = np.concatenate([ids[:30], [5000, 5001]])
+    width = int(np.bincount(shard_labels).max())
+    order = np.argsort(shard_labels, kind="stable")
+    for exclude in (query_ids, None):
+        own = index.local_positions(exclude) if exclude is not None else np.full(len(query_ids), -1)
+        expected = np.full((len(query_labels), width), -1, np.int64)
+        for i, label in enumerate(query_labels):
+            members = order[shard_labels[order] == label]
+            members = members[members != own[i]]
+            expected[i, :len(members)] = members
+        np.testing.assert_array_equal(_same_label_positions(shard_labels, query_labels, width, index, exclude),
+                                      expected)

@@ -20,13 +20,18 @@ def cuda_index(local_rank: int, visible: int) -> int:
     return local_rank % visible
 
 
+def device_type(requested: str = "auto") -> str:
+    """"cuda" when `engine.device=requested` computes on a GPU here, else "cpu" (never fails)."""
+    return "cpu" if requested == "cpu" or not torch.cuda.is_available() else "cuda"
+
+
 def choose_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     """`auto`: this rank's CUDA device (`cuda_index`) when CUDA is available, else the CPU; `cuda`
     without CUDA fails."""
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
+    if requested == "cuda" and not torch.cuda.is_available():
         raise UserError("engine.device=cuda but no CUDA device is available; use engine.device=auto or cpu")
+    if device_type(requested) == "cpu":
+        return torch.device("cpu")
     return torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
 
 

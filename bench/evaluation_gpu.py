@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from gpu_part import missing, part_args, run_part
+from gpu_part import ROOT, missing, part_args, run_part
 
 METRIC_NAMES = ("recall@1", "map@r", "r_precision")
 AGREE_POINTS = 0.05  # largest metric difference (percentage points) float32 near-ties may explain
@@ -27,9 +27,16 @@ def extra_args(parser: argparse.ArgumentParser) -> None:
 
 def metrics_of(ids, labels) -> dict[str, float]:
     """Percent Recall@1 / MAP@R / R-Precision of neighbour ids (n, k), self excluded."""
+    import importlib.util
+
     import numpy as np
 
-    from unidml.evaluation.metrics import MetricAccumulator, relevant_counts
+    # unidml/evaluation/metrics.py alone: the package's __init__ imports faiss, which this part must
+    # not need (it still times torch where faiss is absent).
+    spec = importlib.util.spec_from_file_location("unidml_metrics", ROOT / "unidml" / "evaluation" / "metrics.py")
+    metrics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(metrics)
+    MetricAccumulator, relevant_counts = metrics.MetricAccumulator, metrics.relevant_counts
 
     acc = MetricAccumulator(ks=(1,), metrics=("recall", "map_at_r", "r_precision"))
     acc.add(labels[ids] == labels[:, None], relevant_counts(labels, labels, self_retrieval=True))

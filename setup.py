@@ -3,7 +3,9 @@
 - `dali`: NVIDIA DALI data loader (the torchvision loader is used without it)
 - `deepspeed`: `engine.backend=deepspeed` (DDP needs nothing extra)
 - `triton`: fused GPU loss kernels (the tiled kernels are used without it)
-- `gpu`: faiss-gpu for k-NN on the GPU and DALI built for CUDA 13 (on a CUDA machine, instead of faiss-cpu)
+- `gpu`: DALI built for CUDA 13 (on a CUDA machine). FAISS for the GPU is not an extra: faiss-cpu (core) and
+  faiss-gpu both install the module `faiss`, so one would overwrite the other; docs/cluster.md gives the
+  command that replaces faiss-cpu by faiss-gpu, and a run logs at its start which FAISS it uses
 - `timm`, `export` (ONNX), `study` (Optuna tuning): the backbones, exporters and tuner that need them
 - `all`: every extra that installs on any Linux machine (not `gpu`); `test`: the test suite and its oracles
 
@@ -20,7 +22,7 @@ EXTRAS = {
     "dali": ["nvidia-dali-cuda130"],
     "deepspeed": ["deepspeed"],
     "triton": ["triton"],
-    "gpu": ["faiss-gpu", "nvidia-dali-cuda130"],
+    "gpu": ["nvidia-dali-cuda130"],
     "timm": ["timm"],
     "export": ["onnx", "onnxruntime"],
     "study": ["optuna"],

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
@@ -52,7 +51,13 @@ def write_images(root: Path, count: int, size: int, classes: int = 50) -> None:
 
 
 def cpu_seconds() -> float:
-    """User+system CPU time of this process and its live children (DataLoader workers)."""
+    """User+system CPU time of this process and its live children (DataLoader workers); NaN without
+    psutil (the GPU check's part times wall seconds only)."""
+    try:
+        import psutil
+    except ImportError:
+        return float("nan")
+
     me = psutil.Process()
     total = 0.0
     for proc in [me, *me.children(recursive=True)]:

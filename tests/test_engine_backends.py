@@ -77,6 +77,9 @@ def test_deepspeed_config_conflicts_are_one_line_errors(tmp_path, data, fragment
      "key 'engine.embed_chunks': not supported with engine.backend=deepspeed"),
     (["engine.backend=deepspeed", "engine.deepspeed_config=x.json", "engine.sync_bn=true"],
      "key 'engine.sync_bn': not supported with engine.backend=deepspeed"),
+    (["engine.backend=deepspeed", "engine.deepspeed_config=x.json", "loss.name=cross_entropy",
+      "loss.head_parallel=true"],
+     "key 'loss.head_parallel': a class-sharded head is not supported with engine.backend=deepspeed"),
     (["eval.split=val", "data.val_classes=0"], "'val' needs a validation split"),
 ])
 def test_static_cross_field_rules_fail_at_load(overrides, fragment):

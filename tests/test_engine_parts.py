@@ -79,6 +79,33 @@ def test_device_choice():
             choose_device("cuda")
 
 
+def test_cuda_index_follows_local_rank_or_the_one_visible_device():
+    from unidml.runtime.device import cuda_index
+
+    assert [cuda_index(r, 4) for r in range(4)] == [0, 1, 2, 3]  # torchrun: every GPU visible
+    assert [cuda_index(r, 1) for r in range(4)] == [0, 0, 0, 0]  # SLURM: one GPU per process
+    assert cuda_index(5, 4) == 1
+    with pytest.raises(UserError, match="no CUDA device is visible to this process"):
+        cuda_index(0, 0)
+
+
+def test_kernel_launch_guard_selects_the_tensor_device(monkeypatch):
+    """CUDA tensors make their own device current for the launch (recorded here through a stand-in for
+    torch.cuda.device, since this machine may have no GPU); CPU tensors need no guard."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from unidml.runtime.device import on_device_of
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext(entered.append(d)))
+    with on_device_of(SimpleNamespace(device=torch.device("cuda", 1))):
+        assert entered == [torch.device("cuda", 1)]
+    with on_device_of(torch.zeros(1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+
+
 def test_collectives_without_a_process_group():
     assert not collectives.process_group_active()
     assert collectives.world_size() == 1 and collectives.rank() == 0

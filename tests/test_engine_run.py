@@ -181,3 +181,54 @@ def test_crash_then_corrupt_checkpoint_resume_matches_uninterrupted_run(tmp_path
     for ea, eb in zip(history_a, history_b):
         assert ea["recall@1"] == pytest.approx(eb["recall@1"])
         assert ea.get("train_loss") == pytest.approx(eb.get("train_loss"))
+
+
+def test_grad_accum_leftover_steps_at_the_epoch_end_with_the_mean_over_its_group(tmp_path):
+    """4 micro-batches with grad_accum=3: steps after micro-batches 3 and 4, the second with the
+    gradient of the mean loss over its one micro-batch (not 1/3 of it, nor carried into the next epoch).
+    Each step's accumulated gradient is compared with an independent one: autograd of the group's mean
+    loss on a copy of the module at the step's starting parameters."""
+    import copy
+
+    t = trainer(tmp_path / "run", base_overrides(tmp_path / "data") + ["train.batch_size=8", "train.grad_accum=3"])
+    assert len(t.loader) == 4 and t.steps_per_epoch == 2
+    group, checks, inner_step = [], [], t.backend.step
+
+    def train_step(images, labels, ends_step):
+        group.append((images.clone(), labels.clone()))
+        return Trainer.train_step(t, images, labels, ends_step)
+
+    def step():
+        reference = copy.deepcopy(t.module)
+        reference.zero_grad(set_to_none=True)
+        torch.stack([reference(images, labels) for images, labels in group]).mean().backward()
+        ours = {n: p.grad.clone() for n, p in t.module.named_parameters() if p.grad is not None}
+        expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+        checks.append((len(group), ours, expected))
+        group.clear()
+        return inner_step()
+
+    t.train_step, t.backend.step = train_step, step
+    for epoch in range(2):
+        t.train_epoch(epoch)
+    assert [size for size, _, _ in checks] == [3, 1, 3, 1] and t.step == 4
+    for _, ours, expected in checks:
+        assert ours.keys() == expected.keys()
+        for name in ours:  # fp32 sums of the same terms in another order: relative error ~1e-6
+            assert torch.allclose(ours[name], expected[name], rtol=1e-4, atol=1e-6), name
+
+
+
+def test_accumulation_groups_and_the_deepspeed_refusal():
+    from unidml.engine.accumulation import check_groups, ends_group, group_size, steps_in_epoch
+
+    # 7 micro-batches, grad_accum 3: groups [0 1 2] [3 4 5] [6]
+    assert [ends_group(m, 7, 3) for m in range(7)] == [False, False, True, False, False, True, True]
+    assert [group_size(m, 7, 3) for m in range(7)] == [3, 3, 3, 3, 3, 3, 1]
+    assert steps_in_epoch(7, 3) == 3 and steps_in_epoch(6, 3) == 2
+    check_groups(7, 3, "ddp")
+    check_groups(6, 3, "deepspeed")
+    with pytest.raises(UserError, match=r"train.grad_accum: 3 does not divide the 7 micro-batches of an epoch "
+                                        r"\(1 left over\)") as info:
+        check_groups(7, 3, "deepspeed")
+    assert "\n" not in str(info.value)

@@ -131,6 +131,11 @@ def validate(cfg: DictConfig, source: str = "<config>") -> None:
                              ("engine.sync_bn", cfg.engine.sync_bn)):
             if refused:
                 raise ConfigError(f"{source}: key '{key}': not supported with engine.backend=deepspeed (use ddp)")
+        if cfg.loss.get("head_parallel", False):
+            # DeepSpeed broadcasts every parameter from rank 0 and averages every gradient: class shards
+            # of unequal size would desync its collectives, equal ones would train rank 0's rows everywhere.
+            raise ConfigError(f"{source}: key 'loss.head_parallel': a class-sharded head is not supported with "
+                              f"engine.backend=deepspeed (DeepSpeed replicates every parameter); use ddp")
     _validate_optimizer(cfg, source)
 
 

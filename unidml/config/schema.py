@@ -97,6 +97,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 0.0
     log_every: int = 10
+    deterministic: bool = False  # CUDA: deterministic cuDNN/torch/cuBLAS kernels, not the fastest (runtime.determinism)
 
 
 @dataclass

@@ -6,8 +6,10 @@ Python reads the bytes and rejects implausible files (`check_encoded`) and image
 full decoded size of a decompression bomb. A decoder error still invalidates a DALI pipeline, so on
 one the batch's files are decoded with PIL to find the culprit, it is replaced (training) or left
 out (evaluation), and the pipeline is rebuilt: bad data never kills the run.
-The pipeline runs synchronously (one batch per `run`, inputs fed just before) on a background
-thread that keeps `PREFETCH_BATCHES` ready, so decoding overlaps the training step.
+The pipeline runs synchronously (one batch per `run`, inputs fed just before, so a decoder error
+belongs to a known batch) on a background thread that keeps `PREFETCH_BATCHES` ready, so decoding
+overlaps the training step; on a GPU the output is copied into the torch batch on a side CUDA stream,
+which waits neither for nor on the training step's kernels.
 """
 from __future__ import annotations
 
@@ -122,6 +124,7 @@ class DaliBackend:
         self.known_bad: dict[int, tuple[str, str]] = {}
         self.size_checked: set[int] = set()  # files whose header passed `max_pixels`
         self._pipe = None
+        self._copy_stream: torch.cuda.Stream | None = None  # GPU output copies (`_to_torch`)
         self._rebuilds = 0
         self.epoch = 0
 
@@ -193,10 +196,17 @@ class DaliBackend:
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         dense = output.as_tensor()
-        out = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
-        stream = torch.cuda.current_stream(self.device)
-        feed_ndarray(dense, out, cuda_stream=stream)
-        stream.synchronize()  # DALI reuses its output buffer on the next run; the copy must be done
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        # The copy runs on a side stream of its own: on the training step's stream it would queue
+        # behind the step's kernels, and waiting for it (DALI reuses its output buffer on the next run)
+        # would wait for the step. Allocated on the side stream, the batch is marked as used by the
+        # consumer's stream so the allocator does not reuse it while the step still reads it.
+        with torch.cuda.stream(self._copy_stream):
+            out = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+            feed_ndarray(dense, out, cuda_stream=self._copy_stream)
+        self._copy_stream.synchronize()
+        out.record_stream(torch.cuda.default_stream(self.device))
         return out
 
     def _run(self, indices: list[int]) -> Batch:

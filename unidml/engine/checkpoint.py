@@ -294,6 +294,8 @@ def load_for_inference(checkpoint_path: str | Path, overrides: Sequence[str] = (
                        ) -> tuple[torch.nn.Module, DictConfig]:
     """The checkpoint's embedding network in eval mode and its run config (with `overrides` applied)."""
     from unidml.models import build_model
+    from unidml.runtime.device import device_type
+    from unidml.runtime.memory_format import channels_last
 
     state = load(checkpoint_path)
     cfg = stored_config(state, checkpoint_path, overrides)
@@ -303,7 +305,8 @@ def load_for_inference(checkpoint_path: str | Path, overrides: Sequence[str] = (
                              ("model.arch", "model.embedding_dim", "model.small_input_stem"))
     load_module_state(model, state.get("model"), checkpoint_path, "model",
                       hint or "the stored config does not describe the stored weights")
-    if cfg.engine.channels_last and cfg.engine.backend != "deepspeed":
+    device = device_type(str(cfg.engine.device))  # where the commands that load it compute
+    if channels_last(cfg.engine.channels_last, device, cfg.engine.backend, model).weights:
         # The memory format the run trained and evaluated in (see Trainer): another one changes low-precision
         # rounding, and with it near-tied neighbours, so evaluation would not reproduce the run's figures.
         model = model.to(memory_format=torch.channels_last)

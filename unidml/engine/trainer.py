@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from unidml.config import check_runtime, to_yaml
 from unidml.data_pipeline import build_dataset, build_train_loader
+from unidml.engine.accumulation import check_groups, ends_group, group_size, steps_in_epoch
 from unidml.engine.backends import build_backend
 from unidml.engine.distributed import DistEnv, mean_over_ranks
 from unidml.engine.embed_chunks import chunked_step, chunking_record
@@ -35,8 +36,11 @@ from unidml.engine.run_log import RunLog
 from unidml.engine.run_record import RunRecord, query_counts, write_text_atomic
 from unidml.engine.train_step import TrainStep
 from unidml.errors import UserError
+from unidml.evaluation.knn import announce_faiss
 from unidml.losses import build_loss_from_config
 from unidml.models import build_model
+from unidml.runtime.determinism import configure_determinism
+from unidml.runtime.memory_format import channels_last
 from unidml.runtime.precision import precision_of, settle_precision, warn_if_emulated
 from unidml.seeding import derived_seed, seed_everything
 
@@ -54,6 +58,7 @@ class Trainer:
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
         self.device = env.device
         seed_everything(cfg.train.seed)
+        configure_determinism(cfg.train.deterministic, self.device)
         self.dataset = build_dataset(cfg.data, seed=cfg.train.seed)
         train_set = self.dataset.train
         self.loader = build_train_loader(
@@ -62,16 +67,19 @@ class Trainer:
         if len(self.loader) < cfg.train.grad_accum:
             raise UserError(f"train.batch_size: {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum} "
                             f"leaves no full step in an epoch of {len(train_set)} images")
+        check_groups(len(self.loader), cfg.train.grad_accum, cfg.engine.backend)
         model = build_model(cfg.model, image_size=cfg.data.image_size)
         loss = build_loss_from_config(OmegaConf.to_container(cfg.loss, resolve=True), num_classes=train_set.num_classes,
                                       embedding_dim=model.embedding_dim, device=self.device)
         self.module = TrainStep(model, loss).to(self.device)
-        if cfg.engine.channels_last and cfg.engine.backend != "deepspeed":
-            # DeepSpeed flattens/broadcasts parameters as contiguous buffers: there only inputs go channels_last.
+        self.layout = channels_last(cfg.engine.channels_last, self.device, cfg.engine.backend, model)
+        if self.layout.weights:
             self.module = self.module.to(memory_format=torch.channels_last)
-        self.steps_per_epoch = len(self.loader) // cfg.train.grad_accum
+        self.steps_per_epoch = steps_in_epoch(len(self.loader), cfg.train.grad_accum)
         self.backend = build_backend(self.module, cfg, env, self.steps_per_epoch * cfg.train.epochs)
         self.evaluator = Evaluator(cfg, self.dataset, env, train_set=train_set)
+        if env.is_main:
+            announce_faiss(self.device)
         self.record = RunRecord(run_dir, env.is_main, cfg.eval.split)
         self.record.embed_chunks = chunking_record(self.module.model, cfg.engine.embed_chunks, env.is_main)
         self.guard = RunGuard(cfg.engine.max_skipped_steps, self.record, run_dir / "checkpoints")
@@ -170,8 +178,10 @@ class Trainer:
         accum = cfg.train.grad_accum
         meter = StepMeter(self.steps_per_epoch, cfg.train.batch_size * accum, f"epoch {epoch + 1}/{cfg.train.epochs}",
                           self.env.is_main)
+        num_micro = len(self.loader)
         for micro, (images, labels) in enumerate(meter.timed(self.loader)):
-            ends_step = (micro + 1) % accum == 0
+            ends_step = ends_group(micro, num_micro, accum)
+            self.backend.set_group(group_size(micro, num_micro, accum))
             loss, grad_norm = self.train_step(images, labels, ends_step)
             meter.add({"train_loss": loss, **self._loss_terms()})
             if ends_step:
@@ -179,7 +189,7 @@ class Trainer:
                 if self.kill_switch is not None:
                     self.kill_switch.after_step(epoch)
             meter.done(stepped=ends_step)
-            if ends_step and (self.step % cfg.train.log_every == 0 or micro + 1 == len(self.loader)):
+            if ends_step and (self.step % cfg.train.log_every == 0 or micro + 1 == num_micro):
                 self._log_step(meter, loss, grad_norm)
         meter.close()
         if meter.images:
@@ -192,7 +202,7 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, ends_step: bool) -> tuple[torch.Tensor, float]:
         """Forward and backward of one micro-batch (chunked with `engine.embed_chunks`); when it ends an
         accumulation group, also the optimizer step. Returns (its loss, the step's gradient norm or NaN)."""
-        if self.cfg.engine.channels_last:
+        if self.layout.inputs:
             images = images.contiguous(memory_format=torch.channels_last)
         chunks = self.cfg.engine.embed_chunks
         if chunks > 1:

@@ -14,6 +14,8 @@ mapped to a gallery id: such a row is widened, and finally scored exactly agains
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,6 +31,8 @@ from unidml.evaluation.scoring import (
     row_norms,
     score_error_bound,
 )
+
+log = logging.getLogger(__name__)
 
 GPU_MAX_K = 2048  # FAISS GPU's largest k for a flat index search
 FETCH_BYTES = 12  # one FAISS proposal: float32 score, int64 id
@@ -50,6 +54,30 @@ class TopK:
 def faiss_gpu_available() -> bool:
     """True when this FAISS build has GPU support and sees a GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def describe_faiss() -> str:
+    """Which FAISS this process searches with: its version and whether it is a GPU build that sees a GPU."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        return f"FAISS {faiss.__version__} (CPU build)"
+    gpus = faiss.get_num_gpus()
+    return f"FAISS {faiss.__version__} (GPU build, {gpus} GPU{'' if gpus == 1 else 's'} visible)"
+
+
+def announce_faiss(device: torch.device) -> None:
+    """Log at run start which FAISS evaluation uses; on a CUDA run with a CPU-only FAISS, say how to
+    get GPU search (the `gpu` extra leaves faiss-cpu in place, docs/cluster.md)."""
+    line = describe_faiss()
+    if device.type == "cuda" and not faiss_gpu_available():
+        line += ": k-NN search runs on the CPU; for GPU search replace faiss-cpu by faiss-gpu (docs/cluster.md)"
+    log.info(line)
+
+
+@functools.cache
+def gpu_resources(device_index: int) -> "faiss.StandardGpuResources":
+    """One FAISS `StandardGpuResources` per GPU for the whole process: each one reserves scratch memory
+    (about 1.5 GiB by default), so every evaluation reuses it instead of allocating its own."""
+    return faiss.StandardGpuResources()
 
 
 @contextlib.contextmanager
@@ -130,11 +158,10 @@ class ShardIndex:
         self.device = device if device.type == "cuda" else torch.device("cpu")
         self._device_vectors: torch.Tensor | None = None
         if self.on_gpu:
-            self._resources = faiss.StandardGpuResources()
             config = faiss.GpuIndexFlatConfig()
             config.device = device.index if device.index is not None else torch.cuda.current_device()
             cls = faiss.GpuIndexFlatIP if metric == "cosine" else faiss.GpuIndexFlatL2
-            self.index = cls(self._resources, self.dim, config)
+            self.index = cls(gpu_resources(config.device), self.dim, config)
         else:
             self.index = faiss.IndexFlatIP(self.dim) if metric == "cosine" else faiss.IndexFlatL2(self.dim)
         if self.ntotal:

@@ -96,13 +96,18 @@ def _same_label_positions(shard_labels: np.ndarray, query_labels: np.ndarray, wi
     sorted_labels = shard_labels[order]
     first = np.searchsorted(sorted_labels, query_labels, side="left")
     last = np.searchsorted(sorted_labels, query_labels, side="right")
-    out = np.full((len(query_labels), width), -1, np.int64)
-    own = index.local_positions(exclude_ids) if exclude_ids is not None else np.full(len(query_labels), -1)
-    for i, (a, b) in enumerate(zip(first, last)):
-        members = order[a:b]
-        members = members[members != own[i]]
-        out[i, :len(members)] = members
-    return out
+    n = len(query_labels)
+    if len(order) == 0:
+        return np.full((n, width), -1, np.int64)
+    own = index.local_positions(exclude_ids) if exclude_ids is not None else np.full(n, -1)
+    # Candidates: each query's label run in `order` (one column more than kept, for the one dropped).
+    j = np.arange(width + 1)[None, :]
+    valid = j < (last - first)[:, None]
+    members = np.where(valid, order[np.minimum(first[:, None] + j, len(order) - 1)], -1)
+    is_own = valid & (members == own[:, None]) & (own[:, None] >= 0)
+    dropped = np.where(is_own.any(1), is_own.argmax(1), width + 1)  # a position occurs at most once
+    kept = np.arange(width)[None, :]
+    return np.take_along_axis(members, kept + (kept >= dropped[:, None]), 1)
 
 
 def relevant_ranks(queries: np.ndarray, query_ids: np.ndarray, query_labels: np.ndarray, index: ShardIndex,

@@ -30,6 +30,10 @@ class TrainBackend(Protocol):
     def forward(self, *inputs: Any) -> torch.Tensor:
         """The `TrainStep`'s output (the loss) for `inputs`, under the run's precision."""
 
+    def set_group(self, micro_batches: int) -> None:
+        """The size of the accumulation group the next micro-batches belong to (`engine.accumulation`):
+        `train.grad_accum`, or fewer for an epoch's leftover group; losses are averaged over it."""
+
     def sync(self, enabled: bool) -> ContextManager:
         """Context for one micro-batch's backward: reduce gradients across ranks only when `enabled`."""
 
@@ -64,4 +68,4 @@ class ChunkableBackend(TrainBackend, Protocol):
         """The run's autocast context on this backend's device."""
 
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
-        """What to differentiate for one micro-batch: loss / grad_accum, times any loss scale."""
+        """What to differentiate for one micro-batch: loss / its group's size, times any loss scale."""

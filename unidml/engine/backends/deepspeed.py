@@ -12,6 +12,7 @@ newest kept); rank 0 also writes the weights-only `last.pt` / `best.pt` that `un
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -109,8 +110,12 @@ class DeepSpeedBackend:
         self.module = module
         optimizer = build_optimizer(module, cfg.train)
         schedule = lambda opt: build_scheduler(opt, cfg.train.warmup_iters, total_steps)  # noqa: E731
-        self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
-                                                    config=self.config, dist_init_required=False)
+        # DeepSpeed would take LOCAL_RANK as the device index: give it the index unidml chose
+        # (runtime.device.cuda_index: 0 where each process sees only its own GPU).
+        args = argparse.Namespace(device_rank=env.device.index) if env.device.type == "cuda" else None
+        self.engine, _, _, _ = deepspeed.initialize(args=args, model=module, optimizer=optimizer,
+                                                    lr_scheduler=schedule, config=self.config,
+                                                    dist_init_required=False)
         if cfg.engine.compile:
             self.engine.compile()
         self.native_dtype = next(self.engine.module.parameters()).dtype
@@ -119,6 +124,10 @@ class DeepSpeedBackend:
         """Loss of one micro-batch (DeepSpeed applies its own autocast; native bf16/fp16 weights get
         inputs of their dtype)."""
         return self.engine(images.to(self.native_dtype), labels)
+
+    def set_group(self, micro_batches: int) -> None:
+        """Nothing to set: DeepSpeed divides by its gradient_accumulation_steps, and the trainer refuses
+        an epoch whose micro-batches leave a shorter group."""
 
     def sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed reduces at its accumulation boundary itself

@@ -59,7 +59,7 @@ class TorchBackend:
     def _wrap(self, module: nn.Module, sync_bn: bool) -> nn.Module:
         if sync_bn:
             sync_batch_norm(module.model)
-        device_ids = [self.env.local_rank] if self.env.device.type == "cuda" else None
+        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         # A class-sharded loss head (loss.head_parallel) is not replicated: its gradients are not averaged.
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             module, class_sharded_names(module))
@@ -78,8 +78,11 @@ class TorchBackend:
         """Gradient all-reduce on the next backward only when `enabled` (DDP `no_sync` otherwise)."""
         return contextlib.nullcontext() if enabled or not self.ddp else self.wrapped.no_sync()
 
+    def set_group(self, micro_batches: int) -> None:
+        self.accum = micro_batches
+
     def scaled(self, loss: torch.Tensor) -> torch.Tensor:
-        """What to differentiate for one micro-batch: loss / grad_accum, times the fp16 loss scale."""
+        """What to differentiate for one micro-batch: loss / its group's size, times the fp16 loss scale."""
         return self.scaler.scale(loss / self.accum)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ from unidml.kernels.classifier.common import (
     target_vectors,
 )
 from unidml.kernels.classifier.tiled import default_chunk_classes
+from unidml.runtime.device import on_device_of
 
 
 def _dot_flags(x: Tensor, w: Tensor) -> dict:
@@ -117,5 +118,6 @@ def _launch_args(x: Tensor, w: Tensor, bias: Tensor | None, inv_norm: Tensor | N
 def triton_scores(x: Tensor, w: Tensor, bias: Tensor | None, targets: Tensor, scale: float, normalize: bool,
                   rows: bool, columns: bool) -> ClassScores:
     """ClassScores of (x, w, bias) from the fused Triton kernels."""
-    return ClassScores(*TritonClassScores.apply(x, w, bias, targets.long(), float(scale), normalize, rows,
-                                                columns))
+    with on_device_of(x):  # Triton launches on the current device; autograd runs backward on x's device
+        return ClassScores(*TritonClassScores.apply(x, w, bias, targets.long(), float(scale), normalize, rows,
+                                                    columns))

@@ -10,6 +10,7 @@ from torch import Tensor
 from unidml.kernels.pairwise.fused import KernelArgs, LossId
 from unidml.kernels.pairwise.geometry import duplicate_tolerance, pair_metric, squared_norms
 from unidml.kernels.pairwise.rows import RowProgram, fused_kernel_args
+from unidml.runtime.device import on_device_of
 
 
 def kernel_args(spec: RowProgram) -> KernelArgs:
@@ -166,7 +167,8 @@ class TritonTripletRows(torch.autograd.Function):
 def triton_rows(spec: RowProgram, x: Tensor, r: Tensor, y: Tensor, ref_y: Tensor,
                 self_offset: int | None) -> tuple[Tensor, Tensor]:
     """Per-anchor (sums, counts) of `spec` from the fused Triton kernels."""
-    if kernel_args(spec).loss == LossId.TRIPLET:
-        return TritonTripletRows.apply(x, r, y, ref_y, spec, self_offset)
-    return TritonRows.apply(x, r, y, ref_y, spec, self_offset)
+    with on_device_of(x):  # Triton launches on the current device; autograd runs backward on x's device
+        if kernel_args(spec).loss == LossId.TRIPLET:
+            return TritonTripletRows.apply(x, r, y, ref_y, spec, self_offset)
+        return TritonRows.apply(x, r, y, ref_y, spec, self_offset)
 

@@ -139,6 +139,12 @@ def _query(w: World, kind: str) -> Path:
     return path
 
 
+def _regular_file(w: World) -> Path:
+    path = w.root / "afile"
+    path.write_text("a file where a directory is expected\n")
+    return path
+
+
 def _search(w: World, query: Path, *extra) -> list[str]:
     return ["search", "--checkpoint", w.last, "--query", query, "--out", w.root / "sheet.png", *extra]
 
@@ -178,6 +184,13 @@ ERRORS = [
     ("search_zero_byte_query", lambda w: _search(w, _query(w, "zero")), "zero.jpg: zero-byte file"),
     ("search_truncated_query", lambda w: _search(w, _query(w, "truncated")), "truncated.jpg"),
     ("search_bomb_query", lambda w: _search(w, _query(w, "bomb")), "bomb.jpg: image too large"),
+    ("out_under_a_file", lambda w: w.train(_regular_file(w) / "run"), "afile is a regular file, not a directory"),
+    ("out_is_a_file", lambda w: w.train(_regular_file(w)), "afile is a regular file, not a directory"),
+    ("out_unwritable", lambda w: w.train(Path("/sys/unidml_run")), "/sys/unidml_run: cannot create the run directory"),
+    ("seed_negative", lambda w: w.train(w.root / "o1", "train.seed=-1"), "override 'train.seed=-1': key 'train.seed'"),
+    ("seed_huge", lambda w: w.train(w.root / "o1", "train.seed=99999999999999999999"), "key 'train.seed'"),
+    ("image_size_1", lambda w: w.train(w.root / "o1", "data.image_size=1", "data.resize_size=1"),
+     "override 'data.image_size=1': data.image_size: 1 px is smaller than the 32 px"),
     ("search_out_directory", lambda w: ["search", "--checkpoint", w.last, "--query",
                                         next((w.data / "images").rglob("*.jpg")), "--out", w.root], "--out"),
 ]

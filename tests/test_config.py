@@ -77,3 +77,35 @@ def test_a_recipe_variant_trains_as_a_config_its_search_space_left_to_the_study(
     assert (cfg.loss.name, cfg.loss.neg_margin, cfg.data.sampler, cfg.model.feature_bn) == \
         ("contrastive", 1.0, "m_per_class", True)
     assert "search" not in cfg
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999", str(2**32)])
+def test_a_seed_outside_what_the_generators_take_is_one_line(seed):
+    """train.seed=-1 reached NumPy ("expected non-negative integer") and 1e20 torch ("Overflow when
+    unpacking long long") as tracebacks; both ends of the accepted range load."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"train.seed={seed}"])
+    assert str(info.value) == (f"override 'train.seed={seed}': key 'train.seed': must be an integer in "
+                               f"[0, {2**32 - 1}], got {seed}")
+    assert [load_config(None, [f"train.seed={s}"]).train.seed for s in (0, 2**32 - 1)] == [0, 2**32 - 1]
+
+
+def test_an_error_names_the_override_or_the_file_that_set_the_key(tmp_path):
+    """The override that set the bad value is named, not the YAML file; with two files, the one that set it."""
+    base = write(tmp_path, "train: {lr: 0.1}\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("train: {momentum: 1.5}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(base, ["train.lr=-0.1"])
+    assert str(info.value) == "override 'train.lr=-0.1': key 'train.lr': must be a finite number > 0, got -0.1"
+    with pytest.raises(ConfigError) as info:
+        load_config([base, other], ["train.lr=0.5"])
+    assert str(info.value).startswith(f"{other}: key 'train.momentum': ")
+
+    def refuse(section):
+        raise ValueError("unknown parameter 'marign'")
+
+    with pytest.raises(ConfigError, match=r"^override 'loss\.marign=1': key 'loss': unknown parameter"):
+        load_config(base, ["loss.marign=1"], validate_loss=refuse)
+    with pytest.raises(ConfigError, match=rf"^{base}: key 'train.lr'"):  # set by the file, not by an override
+        load_config(write(tmp_path, "train: {lr: -3}\n"), ["train.epochs=1"])

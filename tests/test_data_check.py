@@ -122,3 +122,28 @@ def test_duplicates_single_image_classes_and_oversized_images(capsys, tmp_path):
     assert code == 0 and report["usable"]  # all of these leave the tree usable ...
     code, out = _check(capsys, "--dataset", "sop", "--root", str(root), "--strict")
     assert code == 1 and "too_large: " in out  # ... but not under --strict
+
+
+def test_the_status_names_bad_images_and_empty_class_folders(capsys, tmp_path):
+    """It said `status: usable` above a list of unreadable and oversized images, and nothing of a class
+    folder without images (the reader skips it): the status line now counts each."""
+    for name in ("cat", "dog", "owl"):
+        for i in range(3):
+            write_jpeg(tmp_path / name / f"{i}.jpg")
+    (tmp_path / "empty_class").mkdir()
+    (tmp_path / "empty_class" / "notes.txt").write_text("no images here\n")
+    write_odd(tmp_path / "cat" / "1.jpg", "truncated")
+    write_odd(tmp_path / "dog" / "1.jpg", "zero")
+    write_bomb(tmp_path / "owl" / "1.jpg")
+    code, out = _check(capsys, "--dataset", "folder", "--root", str(tmp_path))
+    assert code == 0 and out.splitlines()[-1] == (
+        "status: usable with problems: 1 class folders without images, 1 too large, 1 unreadable, 1 empty "
+        "(unreadable images are replaced in training and left out of evaluation; --strict fails on these)")
+    assert f"empty_class: {tmp_path / 'empty_class'}: class folder 'empty_class' holds no image" in out
+    code, report = _json(capsys, "folder", tmp_path)
+    assert report["usable"] and report["status"].startswith("usable with problems: ")
+    (tmp_path / "empty_class").rename(tmp_path / ".hidden")
+    for name, i in (("cat", 1), ("dog", 1), ("owl", 1)):
+        write_jpeg(tmp_path / name / f"{i}.jpg")
+    code, out = _check(capsys, "--dataset", "folder", "--root", str(tmp_path))
+    assert code == 0 and out.splitlines()[-1] == "status: usable"

@@ -5,11 +5,14 @@ forked child; afterwards `last.pt` must be a complete checkpoint (the old or the
 """
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,23 +48,31 @@ def fault(monkeypatch):
     return arm
 
 
+def _generations(directory: Path) -> tuple[int, int]:
+    """(last.pt's step, prev.pt's step), after checking they are two files, not two names of one."""
+    last, prev = directory / "last.pt", directory / "prev.pt"
+    assert last.stat().st_ino != prev.stat().st_ino and last.read_bytes() != prev.read_bytes()
+    return checkpoint.load(last)["step"], checkpoint.load(prev)["step"]
+
+
 @pytest.mark.parametrize("stage", faults.CHECKPOINT_STAGES)
 def test_a_kill_anywhere_in_a_checkpoint_write_leaves_a_complete_last_pt(tmp_path, stage, fault):
     directory = tmp_path / "checkpoints"
     fault(f"3:{stage}:kill")
     status = _forked(lambda: _write_three(directory))
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-    last = checkpoint.load(directory / "last.pt")["step"]
-    assert last == (3 if stage == "done" else 2)  # the new one only once it was renamed into place
-    assert checkpoint.load(directory / "prev.pt")["step"] == (2 if stage in ("prev_linked", "done") else 1)
+    placed = stage in ("last_renamed", "done")  # the new one only once it was renamed into place
+    last, prev = _generations(directory)
+    assert (last, prev) == ((3, 2 if stage == "done" else 1) if placed else (2, 1))
     best = checkpoint.load(directory / "best.pt")["step"]
-    assert best == (3 if stage in ("best_linked", "prev_linked", "done") else 1)
+    assert best == (1 if stage in ("writing", "written") else 3)
     stray = checkpoint.remove_temp_files(directory)
-    assert len(stray) == (1 if stage in ("writing", "written", "best_linked", "prev_linked") else 0)
+    temps = {"writing": 1, "written": 1, "best_linked": 1, "prev_linked": 2, "last_renamed": 1}  # new file, prev's name
+    assert len(stray) == temps.get(stage, 0)
     assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "last.pt", "prev.pt"]
     # the next write works from any of these states (links of one file included) and leaves no temp file
     checkpoint.save_epoch({"step": 4}, directory, is_best=True)
-    assert [checkpoint.load(directory / n)["step"] for n in ("last.pt", "prev.pt", "best.pt")] == [4, last, 4]
+    assert _generations(directory) == (4, last) and checkpoint.load(directory / "best.pt")["step"] == 4
     assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "last.pt", "prev.pt"]
 
 
@@ -74,6 +85,23 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, fault):
     assert message.startswith(f"{directory / 'last.pt'}: disk full") and "intact" in message and "\n" not in message
     assert [checkpoint.load(directory / n)["step"] for n in ("last.pt", "prev.pt", "best.pt")] == [2, 1, 1]
     assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "last.pt", "prev.pt"]  # no temp file left
+
+
+@pytest.mark.parametrize("stage", faults.CHECKPOINT_STAGES[:-1])
+def test_a_failure_at_any_stage_keeps_two_distinct_generations(tmp_path, stage, fault):
+    """ENOSPC at every point of the sequence: last.pt and prev.pt stay two different files (never two
+    names of one), and the message says "intact" only while the new file is not yet in place."""
+    directory = tmp_path / "checkpoints"
+    fault(f"3:{stage}:enospc")
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        _write_three(directory)
+    message = str(info.value)
+    placed = stage == "last_renamed"
+    assert _generations(directory) == ((3, 1) if placed else (2, 1)) and "\n" not in message
+    assert ("intact" in message) != placed and ("new checkpoint is in place" in message) == placed
+    assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "last.pt", "prev.pt"]  # no temp file left
+    checkpoint.save_epoch({"step": 4}, directory, is_best=False)
+    assert _generations(directory) == (4, 3 if placed else 2)
 
 
 def test_metrics_json_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -142,7 +170,18 @@ def _save(path: Path, state) -> Path:
     return path
 
 
+def _with_member(archive: Path, suffix: str, data: bytes) -> bytes:
+    """The zip archive `archive` with the member ending in `suffix` replaced by `data`."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(archive) as source, zipfile.ZipFile(out, "w") as target:
+        for name in source.namelist():
+            target.writestr(name, data if name.endswith(suffix) else source.read(name))
+    return out.getvalue()
+
+
 def test_load_refusals_are_one_line_and_never_invite_an_unsafe_load(tmp_path):
+    """Each refusal names its real cause: a file that is no zip at all (random bytes) is not called a
+    pickle payload, a cut-off zip is called truncated, a refused import is named."""
     good = tmp_path / "run.ckpt"  # any suffix is a checkpoint
     checkpoint.save_atomic({"step": 4}, good)
     assert checkpoint.load_source(good)[0]["step"] == 4 and checkpoint.load_source(tmp_path / "none") is None
@@ -152,9 +191,16 @@ def test_load_refusals_are_one_line_and_never_invite_an_unsafe_load(tmp_path):
         tmp_path: "is a directory",
         tmp_path / "missing.pt": "checkpoint not found",
     }
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(good.read_bytes()[:100])
-    cases[truncated] = "corrupt or truncated checkpoint"
+    cases[_save(tmp_path / "evil_name.pt", {"x": _Pickled()})] = "pickled Python objects (GLOBAL posix.system)"
+    for name, data, cause in (
+            ("truncated.pt", good.read_bytes()[:100], "truncated: the zip archive has no end"),
+            ("half.pt", good.read_bytes()[:good.stat().st_size // 2], "truncated: the zip archive has no end"),
+            ("random.pt", np.random.default_rng(0).bytes(4096), "not a PyTorch checkpoint: no zip archive header"),
+            ("empty.pt", b"", "empty file (0 bytes)"),
+            ("badpickle.pt", _with_member(good, "data.pkl", b"\x80\x02o\x00garbage"),
+             "corrupt checkpoint: its pickled data is malformed (Unsupported operand 111)")):
+        (tmp_path / name).write_bytes(data)
+        cases[tmp_path / name] = cause
     for path, fragment in cases.items():
         with pytest.raises(checkpoint.CheckpointError) as info:
             checkpoint.load(path)

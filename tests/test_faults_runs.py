@@ -139,6 +139,12 @@ def _query(w: World, kind: str) -> Path:
     return path
 
 
+def _regular_file(w: World) -> Path:
+    path = w.root / "afile"
+    path.write_text("a file where a directory is expected\n")
+    return path
+
+
 def _search(w: World, query: Path, *extra) -> list[str]:
     return ["search", "--checkpoint", w.last, "--query", query, "--out", w.root / "sheet.png", *extra]
 
@@ -178,6 +184,13 @@ ERRORS = [
     ("search_zero_byte_query", lambda w: _search(w, _query(w, "zero")), "zero.jpg: zero-byte file"),
     ("search_truncated_query", lambda w: _search(w, _query(w, "truncated")), "truncated.jpg"),
     ("search_bomb_query", lambda w: _search(w, _query(w, "bomb")), "bomb.jpg: image too large"),
+    ("out_under_a_file", lambda w: w.train(_regular_file(w) / "run"), "afile is a regular file, not a directory"),
+    ("out_is_a_file", lambda w: w.train(_regular_file(w)), "afile is a regular file, not a directory"),
+    ("out_unwritable", lambda w: w.train(Path("/sys/unidml_run")), "/sys/unidml_run: cannot create the run directory"),
+    ("seed_negative", lambda w: w.train(w.root / "o1", "train.seed=-1"), "override 'train.seed=-1': key 'train.seed'"),
+    ("seed_huge", lambda w: w.train(w.root / "o1", "train.seed=99999999999999999999"), "key 'train.seed'"),
+    ("image_size_1", lambda w: w.train(w.root / "o1", "data.image_size=1", "data.resize_size=1"),
+     "override 'data.image_size=1': data.image_size: 1 px is smaller than the 32 px"),
     ("search_out_directory", lambda w: ["search", "--checkpoint", w.last, "--query",
                                         next((w.data / "images").rglob("*.jpg")), "--out", w.root], "--out"),
 ]
@@ -219,6 +232,54 @@ def test_a_full_disk_is_one_line_and_resume_continues(world, monkeypatch):
     monkeypatch.delenv(faults.CHECKPOINT_ENV_VAR)
     assert cli(world.train(out, "train.resume=auto"))[0] == 0
     assert epochs(out) == epochs(world.reference)
+
+
+def _copy_run(w: World, name: str) -> Path:
+    """A copy of the finished reference run (to break and resume without touching it)."""
+    target = w.root / name
+    shutil.copytree(w.reference, target)
+    return target
+
+
+def test_a_resume_past_a_corrupt_last_pt_keeps_the_good_generation(world):
+    """last.pt cut in half: the run resumes from prev.pt (epoch 1), and the unreadable file is moved
+    aside instead of becoming prev.pt at the next save: afterwards last.pt and prev.pt both load."""
+    out = _copy_run(world, "corrupt_last")
+    last = out / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    code, _, err = cli(world.train(out, "train.resume=auto"))
+    assert code == 0, err
+    directory = out / "checkpoints"
+    assert [torch.load(directory / n, weights_only=True)["epoch"] for n in ("last.pt", "prev.pt")] == [2, 1]
+    assert (directory / "last.pt").stat().st_ino != (directory / "prev.pt").stat().st_ino
+    assert [p.name.split("-")[0] for p in directory.glob("last.pt.corrupt-*")] == ["last.pt.corrupt"]
+    assert epochs(out) == epochs(world.reference)  # epoch 2 retrained from epoch 1 to the same figures
+
+
+def test_a_file_size_limit_during_the_checkpoint_write_is_one_line(world):
+    """The real torch writer under a real RLIMIT_FSIZE (a child process; SIGXFSZ ignored, so write(2)
+    returns EFBIG): one line, recorded in train.log, and metrics.json lists no epoch that no checkpoint
+    holds. The limit lets metrics and logs through but not a checkpoint with optimizer state."""
+    import resource
+    import subprocess
+
+    out = _copy_run(world, "fsize_limit")
+    before = snapshot(out / "checkpoints")
+    limit = (out / "checkpoints" / "last.pt").stat().st_size // 2
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    argv = [sys.executable, "-m", "unidml", *map(str, world.train(out, "train.epochs=3", "train.resume=auto"))]
+    done = subprocess.run(argv, env=env, preexec_fn=limited, capture_output=True, text=True, timeout=600)
+    line = error_line(done.stderr)
+    assert done.returncode == 2 and "file-size limit reached (ulimit -f) while writing the checkpoint" in line, line
+    assert line.endswith("intact (raise the limit, then rerun with train.resume=auto)")
+    assert snapshot(out / "checkpoints") == before  # nothing replaced, no temp file left
+    assert [e["epoch"] for e in epochs(out)] == [0, 1, 2]
+    assert line.removeprefix("unidml: error: ") in (out / "train.log").read_text().splitlines()[-1]
 
 
 def test_a_checkpoint_with_any_name_resumes(world):

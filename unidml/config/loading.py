@@ -1,6 +1,7 @@
 """Loading a run config: YAML files layered left to right onto the schema defaults, dotted `key=value`
 overrides (`~key` deletes), a new `loss.name` starting a fresh loss section, then `validate`; every
-problem a one-line `ConfigError` naming the file or key."""
+problem a one-line `ConfigError` naming the key and where its value came from (the YAML file or the
+command-line override that set it last)."""
 from __future__ import annotations
 
 import logging
@@ -113,32 +114,60 @@ def _delete(cfg: DictConfig, key: str, source: str) -> None:
         OmegaConf.update(cfg, key, OmegaConf.select(OmegaConf.structured(RunConfig), key), merge=False)
 
 
+def _leaf_keys(data: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the leaves of a nested mapping (`{"a": {"b": 1}}` -> `["a.b"]`)."""
+    if not isinstance(data, dict) or not data:
+        return [prefix] if prefix else []
+    return [key for name, value in data.items() for key in _leaf_keys(value, f"{prefix}.{name}" if prefix else name)]
+
+
+class Origins:
+    """Where each key's value came from: the last layer (YAML file or override) that set it, the key
+    itself, a section above it or a key below it; `default` when none did."""
+
+    def __init__(self, default: str) -> None:
+        self.default = default
+        self.layers: list[tuple[tuple[str, ...], str]] = []
+
+    def add(self, keys: Sequence[str], source: str) -> None:
+        self.layers.append((tuple(keys), source))
+
+    def __call__(self, key: str) -> str:
+        for keys, source in reversed(self.layers):
+            if any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in keys):
+                return source
+        return self.default
+
+
 def _build(layers: Sequence[tuple[dict[str, Any], str]], overrides: Iterable[str],
            validate_loss: Callable[[dict[str, Any]], None] | None,
            validate_model: Callable[[DictConfig, int], object] | None = None) -> DictConfig:
     """Schema defaults, then each (YAML mapping, its source) layer in order, then the overrides."""
     cfg = OmegaConf.structured(RunConfig)
+    origin = Origins(" + ".join(where for _, where in layers) or "<defaults>")
     for data, where in layers:
         cfg = _merge_layer(cfg, data, where)
-    source = " + ".join(where for _, where in layers) or "<defaults>"
+        origin.add(_leaf_keys(data), where)
     for item in overrides:
         if item.startswith("~"):
             _delete(cfg, item[1:].strip(), f"override '{item}'")
+            origin.add([item[1:].strip()], f"override '{item}'")
             continue
         key, value = parse_override(item)
         cfg = _merge_layer(cfg, _nest(key, value), f"override '{item}'")
-    validate(cfg, source)
+        origin.add([key], f"override '{item}'")
+    validate(cfg, origin)
     _absolute_data_paths(cfg)
     if validate_loss is not None:
         try:
             validate_loss(OmegaConf.to_container(cfg.loss, resolve=True))
         except (TypeError, ValueError, KeyError) as exc:
-            raise ConfigError(f"{source}: key 'loss': {exc}") from None
+            raise ConfigError(f"{origin('loss')}: key 'loss': {exc}") from None
     if validate_model is not None:  # e.g. unidml.models.check_model_config: (model section, image size)
         try:
             validate_model(cfg.model, cfg.data.image_size)
-        except UserError as exc:
-            raise ConfigError(f"{source}: {exc}") from None
+        except UserError as exc:  # its message starts with the key at fault ("model.arch: ...")
+            raise ConfigError(f"{origin(str(exc).split(':', 1)[0])}: {exc}") from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -4,7 +4,7 @@ rules that also need the world size or the device, once the process knows them."
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Union
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,6 +47,13 @@ def _finite(low: float, high: float = math.inf, low_open: bool = False, high_ope
     return rule
 
 
+def _integer(low: int, high: int):
+    """A whole number from `low` to `high`."""
+    def rule(value: int) -> str | None:
+        return None if low <= value <= high else f"must be an integer in [{low}, {high}], got {value}"
+    return rule
+
+
 def _pair_rule(low: float, high: float):
     """Two values `[a, b]` with low < a <= b <= high (a RandomResizedCrop scale or ratio range)."""
     def rule(value: list[float]) -> str | None:
@@ -83,6 +90,8 @@ VALUE_RULES: dict[str, Callable[[Any], str | None]] = {
     "train.warmup_iters": _finite(0),
     "train.grad_clip": _finite(0),  # 0 = off
     "train.log_every": _finite(1),
+    # every generator seeded from it takes it unchanged: NumPy's legacy global seed is 32-bit
+    "train.seed": _integer(0, 2**32 - 1),
     "data.num_workers": _finite(0),
     "data.max_pixels": _finite(1, MAX_PIXELS_LIMIT),  # above it PIL refuses to open an image anyway
     "data.crop_scale": _pair_rule(0, 1),
@@ -94,63 +103,72 @@ VALUE_RULES: dict[str, Callable[[Any], str | None]] = {
 }
 
 
-def _check_values(cfg: DictConfig, source: str) -> None:
+Source = Union[str, Callable[[str], str]]  # a config's source, or where each key's value came from
+
+
+def _fail(source: Source, key: str, problem: str) -> ConfigError:
+    """The one line for `key`, naming where its value came from (the YAML file or the override)."""
+    return ConfigError(f"{source(key) if callable(source) else source}: key '{key}': {problem}")
+
+
+def _check_values(cfg: DictConfig, source: Source) -> None:
     for key, rule in VALUE_RULES.items():
         problem = rule(OmegaConf.select(cfg, key))
         if problem:
-            raise ConfigError(f"{source}: key '{key}': {problem}")
+            raise _fail(source, key, problem)
     if cfg.data.resize_size < cfg.data.image_size:
-        raise ConfigError(f"{source}: key 'data.resize_size': {cfg.data.resize_size} is smaller than data.image_size "
+        raise _fail(source, "data.resize_size", f"{cfg.data.resize_size} is smaller than data.image_size "
                           f"{cfg.data.image_size} (the test transform resizes, then crops image_size)")
 
 
-def validate(cfg: DictConfig, source: str = "<config>") -> None:
-    """Every rule that needs only the config: choices, ranges and combinations of keys (ConfigError)."""
+def validate(cfg: DictConfig, source: Source = "<config>") -> None:
+    """Every rule that needs only the config: choices, ranges and combinations of keys (ConfigError).
+    `source` names where the config came from, or is a function of the key giving where its value did."""
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"{source}: key '{key}': '{value}' is not one of {', '.join(allowed)}")
+            raise _fail(source, key, f"'{value}' is not one of {', '.join(allowed)}")
     for key in POSITIVE:
         value = OmegaConf.select(cfg, key)
         if value <= 0:
-            raise ConfigError(f"{source}: key '{key}': must be > 0, got {value}")
+            raise _fail(source, key, f"must be > 0, got {value}")
     if not 0.0 <= cfg.data.val_classes < 1.0:
-        raise ConfigError(f"{source}: key 'data.val_classes': must be in [0, 1), got {cfg.data.val_classes}")
+        raise _fail(source, "data.val_classes", f"must be in [0, 1), got {cfg.data.val_classes}")
     if not cfg.eval.ks or min(cfg.eval.ks) <= 0:
-        raise ConfigError(f"{source}: key 'eval.ks': must be a non-empty list of positive integers")
+        raise _fail(source, "eval.ks", "must be a non-empty list of positive integers")
     if not isinstance(cfg.loss.get("name"), str):
-        raise ConfigError(f"{source}: key 'loss.name': missing or not a string")
+        raise _fail(source, "loss.name", "missing or not a string")
     _check_values(cfg, source)
     if cfg.eval.split == "val" and cfg.data.val_classes == 0:
-        raise ConfigError(f"{source}: key 'eval.split': 'val' needs a validation split (data.val_classes > 0)")
+        raise _fail(source, "eval.split", "'val' needs a validation split (data.val_classes > 0)")
     if cfg.engine.backend == "deepspeed":
         if not cfg.engine.deepspeed_config:
-            raise ConfigError(f"{source}: key 'engine.deepspeed_config': engine.backend=deepspeed needs a "
-                              f"DeepSpeed JSON: pass --deepspeed configs/deepspeed/zero1.json")
+            raise _fail(source, "engine.deepspeed_config", "engine.backend=deepspeed needs a "
+                              "DeepSpeed JSON: pass --deepspeed configs/deepspeed/zero1.json")
         for key, refused in (("engine.embed_chunks", cfg.engine.embed_chunks > 1),
                              ("engine.sync_bn", cfg.engine.sync_bn)):
             if refused:
-                raise ConfigError(f"{source}: key '{key}': not supported with engine.backend=deepspeed (use ddp)")
+                raise _fail(source, key, "not supported with engine.backend=deepspeed (use ddp)")
         if cfg.loss.get("head_parallel", False):
             # DeepSpeed broadcasts every parameter from rank 0 and averages every gradient: class shards
             # of unequal size would desync its collectives, equal ones would train rank 0's rows everywhere.
-            raise ConfigError(f"{source}: key 'loss.head_parallel': a class-sharded head is not supported with "
-                              f"engine.backend=deepspeed (DeepSpeed replicates every parameter); use ddp")
+            raise _fail(source, "loss.head_parallel", "a class-sharded head is not supported with "
+                        "engine.backend=deepspeed (DeepSpeed replicates every parameter); use ddp")
     _validate_optimizer(cfg, source)
 
 
-def _validate_optimizer(cfg: DictConfig, source: str) -> None:
+def _validate_optimizer(cfg: DictConfig, source: Source) -> None:
     """Ranges of the optimizer and pooling keys (the model itself is checked by `validate_model`)."""
     train = cfg.train
     if not 0.0 < train.layer_decay <= 1.0:
-        raise ConfigError(f"{source}: key 'train.layer_decay': must be in (0, 1] (1 = off), got {train.layer_decay}")
+        raise _fail(source, "train.layer_decay", f"must be in (0, 1] (1 = off), got {train.layer_decay}")
     for key in ("backbone_lr_mult", "head_lr_mult", "loss_lr_mult"):
         if train[key] < 0:
-            raise ConfigError(f"{source}: key 'train.{key}': must be >= 0, got {train[key]}")
+            raise _fail(source, f"train.{key}", f"must be >= 0, got {train[key]}")
     if train.nesterov and (train.optimizer != "sgd" or train.momentum <= 0):
-        raise ConfigError(f"{source}: key 'train.nesterov': needs train.optimizer=sgd with train.momentum > 0")
+        raise _fail(source, "train.nesterov", "needs train.optimizer=sgd with train.momentum > 0")
     if cfg.model.gem_p <= 0:
-        raise ConfigError(f"{source}: key 'model.gem_p': must be > 0, got {cfg.model.gem_p}")
+        raise _fail(source, "model.gem_p", f"must be > 0, got {cfg.model.gem_p}")
 
 
 class RuntimeEnv(Protocol):

@@ -3,10 +3,12 @@
 A dataset is *usable* when its index files read, every split has readable images and the training
 split has at least two classes; missing, corrupt or oversized (`data.max_pixels`) images alone leave
 it usable (`data.on_error=skip` replaces them in training and leaves them out of evaluation) but are
-listed. Paths escaping the root (by their real path: symlinks are followed) make it unusable and are
-never opened. Also listed: an image file indexed more than once (duplicated lines or ids, or two
-names for one file), which inflates retrieval metrics, and classes whose queries have no relevant
-reference (one image in a self-retrieval split, none in the gallery), which evaluation excludes.
+listed, and the status says so ("usable with problems", naming the counts). So is a class folder
+without images (the folder layout skips it: the class does not exist for training). Paths escaping
+the root (by their real path: symlinks are followed) make it unusable and are never opened. Also
+listed: an image file indexed more than once (duplicated lines or ids, or two names for one file),
+which inflates retrieval metrics, and classes whose queries have no relevant reference (one image in
+a self-retrieval split, none in the gallery), which evaluation excludes.
 """
 from __future__ import annotations
 
@@ -30,7 +32,11 @@ PROGRESS_FROM = 1000  # show a progress bar from this many images on
 LISTED_CLASSES = 5  # class ids named per split in a "no relevant reference" problem
 FATAL = frozenset({"index", "escapes_root", "empty_split"})
 # What --strict also fails on: images training would replace and evaluation leave out, and duplicates.
-STRICT = frozenset({"missing", "zero_byte", "unreadable", "too_large", "duplicate", "duplicate_id"})
+STRICT = frozenset({"missing", "zero_byte", "unreadable", "too_large", "duplicate", "duplicate_id", "empty_class"})
+# How the status line counts the problems that leave a dataset usable but change what trains or is evaluated.
+STATUS_WORDS = {"missing": "missing", "zero_byte": "empty", "unreadable": "unreadable", "too_large": "too large",
+                "duplicate": "indexed twice", "duplicate_id": "duplicate ids",
+                "empty_class": "class folders without images"}
 # Index files whose first column is an image id that must be unique (per layout).
 ID_FILES = {"sop": ("Ebay_train.txt", "Ebay_test.txt"), "synthetic": ("Ebay_train.txt", "Ebay_test.txt"),
             "cub": ("images.txt",)}
@@ -61,8 +67,24 @@ class CheckReport:
         """Usable, and no bad image or duplicate either (`data check --strict`)."""
         return self.usable and not any(p.kind in STRICT for p in self.problems)
 
+    @property
+    def status(self) -> str:
+        """One line: NOT usable, usable, or usable with the counts of what `--strict` fails on."""
+        if not self.usable:
+            return "NOT usable"
+        counts: dict[str, int] = {}
+        for p in self.problems:
+            if p.kind in STRICT:
+                counts[p.kind] = counts.get(p.kind, 0) + 1
+        if not counts:
+            return "usable"
+        listed = ", ".join(f"{n} {STATUS_WORDS[k]}" for k, n in sorted(counts.items()))
+        return (f"usable with problems: {listed} (unreadable images are replaced in training and left out of "
+                f"evaluation; --strict fails on these)")
+
     def to_json(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "root": self.root, "usable": self.usable, "splits": self.splits,
+        return {"dataset": self.dataset, "root": self.root, "usable": self.usable, "status": self.status,
+                "splits": self.splits,
                 "problems": [vars(p) for p in self.problems], "converted_to_rgb": self.converted,
                 "notes": self.notes}
 
@@ -159,6 +181,23 @@ def unmatched_classes(dataset: DatasetDescription) -> list[Problem]:
     return problems
 
 
+def empty_class_folders(root: Path) -> list[Problem]:
+    """Class folders of the folder layout (`root/<class>/` or `root/<split>/<class>/`) holding no image:
+    the reader skips them, so the class silently does not exist."""
+    from unidml.data_pipeline.readers import IMAGE_EXTENSIONS
+
+    def folders(parent: Path) -> list[Path]:
+        return sorted(d for d in parent.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+    top = folders(root)
+    split_layout = "train" in {d.name for d in top} and {d.name for d in top} <= {"train", "val", "test"}
+    classes = [c for split in top for c in folders(split)] if split_layout else top
+    return [Problem(str(c), "empty_class", f"class folder '{c.name}' holds no image "
+                                           f"({', '.join(IMAGE_EXTENSIONS)}); the class is left out")
+            for c in classes
+            if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in c.rglob("*") if f.is_file())]
+
+
 def check_dataset(kind: str, root: Path | None, list_file: str = "", workers: int | None = None,
                   progress: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS) -> CheckReport:
     """Inspect every image of every split with `workers` threads (PIL releases the GIL)."""
@@ -198,6 +237,8 @@ def check_dataset(kind: str, root: Path | None, list_file: str = "", workers: in
     if "train" in dataset.splits and dataset.train.num_classes < 2:
         report.problems.append(Problem("train", "empty_split", "the training split needs at least 2 classes"))
     report.problems += duplicate_files(dataset, escaped) + duplicate_ids(kind, dataset.root)
+    if kind == "folder" and dataset.root is not None:
+        report.problems += empty_class_folders(Path(dataset.root))
     report.problems += unmatched_classes(dataset)
     return report
 
@@ -221,5 +262,5 @@ def format_report(report: CheckReport, max_listed: int = 20) -> str:
         lines.append(f"  ... {len(report.problems) - max_listed} more (use --json for all)")
     if report.converted:
         lines.append(f"readable after conversion to RGB (grayscale/CMYK/palette/misnamed): {report.converted}")
-    lines.append("status: usable" if report.usable else "status: NOT usable")
+    lines.append(f"status: {report.status}")
     return "\n".join(lines)

@@ -3,10 +3,12 @@
 A run keeps `last.pt` (newest), `prev.pt` (the one before, so a corrupted newest file never loses
 the run) and `best.pt` (the model of the best evaluated epoch). `save_epoch` writes the new state
 once (temp file, fsync) and only then links and renames: `best.pt` is pointed at it, the current
-`last.pt` is linked to `prev.pt`, and the temp file replaces `last.pt` in one rename. At every
-instant `last.pt` is a complete checkpoint (old or new), and a full disk fails the write before
-anything is touched. Loading refuses a corrupt, truncated, unsafe or foreign file with one line
-naming it, and `load_latest` falls back to `prev.pt`.
+`last.pt` gets a temp second name, the temp file replaces `last.pt`, and that second name replaces
+`prev.pt`, each in one rename. At every instant `last.pt` is a complete checkpoint (old or new) and
+`prev.pt` a distinct older one, and a full disk or a file-size limit (`ulimit -f`) fails the write
+before anything is touched. Loading refuses a corrupt, truncated, unsafe or foreign file with one
+line naming it and the cause; `load_latest` falls back to `prev.pt`, and when resuming it moves the
+file that failed aside (`last.pt.corrupt-<time>`) so that it never becomes a generation.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import os
 import pickle
 import shutil
 import tempfile
+import time
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -28,7 +32,11 @@ from unidml.errors import UserError
 log = logging.getLogger(__name__)
 FORMAT = "unidml-checkpoint-v1"
 TEMP_SUFFIX = ".tmp"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+QUARANTINE = ".corrupt-"  # `last.pt.corrupt-20260101T120000`: a file that failed to load when resuming
+# OS errors that mean "no room for this file", what each is called, and what frees the room
+NO_ROOM = {errno.ENOSPC: ("disk full", "free space"), errno.EDQUOT: ("disk quota exceeded", "free space"),
+           errno.EFBIG: ("file-size limit reached (ulimit -f)", "raise the limit")}
+ZIP_MAGIC = b"PK\x03\x04"  # every file torch.save writes is a zip archive
 
 
 class CheckpointError(UserError):
@@ -55,11 +63,24 @@ def _temp_name(directory: Path, name: str) -> Path:
     return Path(tmp)
 
 
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OS error behind `exc`, also when torch wraps it (its zip writer turns a failed write into
+    `RuntimeError: ... unexpected pos`, with the `OSError` as context)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _write_failed(path: Path, exc: OSError) -> CheckpointError:
-    """One line for an OS error while writing `path` (disk full said plainly)."""
-    if exc.errno in DISK_FULL:
-        return CheckpointError(f"{path}: disk full while writing the checkpoint; the previous checkpoints in "
-                               f"{path.parent} are intact (free space, then rerun with train.resume=auto)")
+    """One line for an OS error while writing `path` (disk full and file-size limit said plainly)."""
+    if exc.errno in NO_ROOM:
+        what, remedy = NO_ROOM[exc.errno]
+        return CheckpointError(f"{path}: {what} while writing the checkpoint; the previous checkpoints in "
+                               f"{path.parent} are intact ({remedy}, then rerun with train.resume=auto)")
     return CheckpointError(f"{path}: cannot write the checkpoint ({exc.strerror or exc})")
 
 
@@ -73,32 +94,41 @@ def _write_temp(state: dict[str, Any], path: Path) -> Path:
             faults.checkpoint_point("writing")
             handle.flush()
             os.fsync(handle.fileno())
+        faults.checkpoint_point("written")
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise _write_failed(path, exc) from None
+        os_error = _os_error(exc) if isinstance(exc, Exception) else None
+        if os_error is not None:
+            raise _write_failed(path, os_error) from None
         raise
-    faults.checkpoint_point("written")
+    return tmp
+
+
+def _second_name(source: Path, target: Path) -> Path:
+    """A temp name beside `target` for the file `source` (a hard link; a copy where the file system
+    has none). The files are never modified in place, so sharing one inode is safe."""
+    tmp = _temp_name(target.parent, target.name)
+    tmp.unlink()
+    try:
+        os.link(source, tmp)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        shutil.copyfile(source, tmp)
     return tmp
 
 
 def _link_into_place(source: Path, target: Path) -> None:
-    """Make `target` name the same file as `source` in one rename (a hard link; a copy where the file
-    system has none). The files are never modified in place, so sharing one inode is safe."""
-    tmp = _temp_name(target.parent, target.name)
-    tmp.unlink()
+    """Make `target` name the same file as `source` in one rename."""
+    tmp = None
     try:
-        try:
-            os.link(source, tmp)
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                raise
-            shutil.copyfile(source, tmp)
+        tmp = _second_name(source, target)
         os.replace(tmp, target)
     except OSError as exc:
         raise _write_failed(target, exc) from None
     finally:  # rename(2) between two links of one file does nothing and leaves `tmp`
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -114,22 +144,34 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
 
 def save_epoch(state: dict[str, Any], directory: Path, is_best: bool) -> Path:
     """Save `state` as the new `last.pt` (and `best.pt` when `is_best`), keeping the current
-    `last.pt` as `prev.pt`. Written once; every later step is a link or a rename, so a kill at any
-    point leaves a complete `last.pt` (the old or the new one) and at most a stray temp file."""
-    last = directory / "last.pt"
+    `last.pt` as `prev.pt`. Written once; every later step is a link or a rename, so a kill or a
+    failure at any point leaves a complete `last.pt` (the old or the new one), a distinct older
+    `prev.pt`, and at most stray temp files."""
+    last, prev = directory / "last.pt", directory / "prev.pt"
     tmp = _write_temp(state, last)
+    kept: Path | None = None  # the current last.pt under a temp name, until it replaces prev.pt
+    placed = False
     try:
         if is_best:
             _link_into_place(tmp, directory / "best.pt")
             faults.checkpoint_point("best_linked")
         if last.exists():
-            _link_into_place(last, directory / "prev.pt")
+            kept = _second_name(last, prev)
             faults.checkpoint_point("prev_linked")
         os.replace(tmp, last)
+        placed = True
+        faults.checkpoint_point("last_renamed")
+        if kept is not None:
+            os.replace(kept, prev)
     except OSError as exc:
-        raise _write_failed(last, exc) from None
+        if not placed:
+            raise _write_failed(last, exc) from None
+        raise CheckpointError(f"{last}: the new checkpoint is in place, but keeping the previous one as "
+                              f"{prev.name} failed ({exc.strerror or exc})") from None
     finally:
         tmp.unlink(missing_ok=True)
+        if kept is not None:  # renaming one link of a file over another leaves both
+            kept.unlink(missing_ok=True)
     _fsync_directory(directory)
     faults.checkpoint_point("done")
     return last
@@ -154,25 +196,61 @@ def remove_temp_files(directory: Path) -> list[Path]:
     return stray
 
 
+def _not_torch(path: Path) -> str | None:
+    """Why `path` cannot be a file torch.save wrote (empty, no zip header, a cut-off zip), or None."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    with open(path, "rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    if head != ZIP_MAGIC:
+        return f"not a PyTorch checkpoint: no zip archive header (the file starts with bytes {head.hex()})"
+    if not zipfile.is_zipfile(path):
+        return f"truncated: the zip archive has no end (directory missing; {size} bytes), the write was cut short"
+    return None
+
+
+GLOBAL_MARKERS = ("Unsupported global: ", "unsupported GLOBAL ")  # torch's words for a refused import
+
+
+def _refused_global(text: str) -> str | None:
+    """The Python object a weights-only load refused to import ("GLOBAL posix.system"), or None."""
+    for marker in GLOBAL_MARKERS:
+        if marker in text:
+            name = text[text.index(marker) + len(marker):].split()[0]
+            return name if marker.startswith("Unsupported") else f"GLOBAL {name}"
+    return None
+
+
 def _load_error(path: Path, exc: Exception) -> CheckpointError:
     text = str(exc).strip()
     if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
-        marker = "Unsupported global: "
-        what = text[text.index(marker) + len(marker):].split(" was not", 1)[0] if marker in text else "code"
-        return CheckpointError(f"{path}: refused: the file contains pickled Python objects ({what}) that a unidml "
-                               f"checkpoint never holds; nothing in it was executed. Use only checkpoints "
-                               f"written by unidml")
+        what = _refused_global(text)
+        if what is not None:
+            return CheckpointError(f"{path}: refused: the file contains pickled Python objects ({what}) that a "
+                                   f"unidml checkpoint never holds; nothing in it was executed. Use only "
+                                   f"checkpoints written by unidml")
+        after = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else ""
+        reason = next((line.strip() for line in after.splitlines() if line.strip()), "unreadable")
+        return CheckpointError(f"{path}: corrupt checkpoint: its pickled data is malformed ({reason[:160]}); "
+                               f"nothing in it was executed")
     detail = text.splitlines()[0] if text else type(exc).__name__
     return CheckpointError(f"{path}: corrupt or truncated checkpoint ({detail[:200]})")
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """Load one checkpoint (CPU tensors); raise CheckpointError naming the file when unusable."""
+    """Load one checkpoint (CPU tensors); raise CheckpointError naming the file and the cause when unusable."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory; name a checkpoint file (e.g. {path / 'last.pt'})")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        problem = _not_torch(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror or exc})") from None
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -182,25 +260,47 @@ def load(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
-    """Newest usable checkpoint in `directory` (`last.pt`, else `prev.pt`), or None when there is none."""
+def _quarantine(path: Path) -> None:
+    """Move a file that failed to load aside (`NAME.corrupt-<time>`), so that the next save cannot make
+    it `prev.pt`: a generation is always a file that loaded or that this run wrote."""
+    target = path.with_name(f"{path.name}{QUARANTINE}{time.strftime('%Y%m%dT%H%M%S')}")
+    try:
+        os.replace(path, target)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable, and it cannot be moved aside ({exc.strerror or exc}); "
+                              f"move or delete it, then rerun") from None
+    log.warning("%s: moved aside as %s (it failed to load)", path, target.name)
+
+
+def load_latest(directory: Path, quarantine: bool = False) -> tuple[dict[str, Any], Path] | None:
+    """Newest usable checkpoint in `directory` (`last.pt`, else `prev.pt`), or None when there is none.
+    With `quarantine` (the writer of a resumed run), a file that failed to load before the one that
+    loaded is moved aside."""
     candidates = [directory / "last.pt", directory / "prev.pt"]
+    failed = []
     for path in candidates:
         if not path.exists():
             continue
         try:
-            return load(path), path
+            state = load(path)
         except CheckpointError as exc:
             log.warning("%s; trying the previous checkpoint", exc)
+            failed.append(path)
+            continue
+        if quarantine:
+            for bad in failed:
+                _quarantine(bad)
+        return state, path
     if any(p.exists() for p in candidates):
         raise CheckpointError(f"{directory}: no usable checkpoint (last.pt and prev.pt are both unreadable)")
     return None
 
 
-def load_source(source: Path) -> tuple[dict[str, Any], Path] | None:
-    """A checkpoint directory's newest usable file, or one file by any name; None when there is none."""
+def load_source(source: Path, quarantine: bool = False) -> tuple[dict[str, Any], Path] | None:
+    """A checkpoint directory's newest usable file (see `load_latest`), or one file by any name; None
+    when there is none."""
     if source.is_dir():
-        return load_latest(source)
+        return load_latest(source, quarantine)
     if not source.exists():
         return None
     return load(source), source

@@ -6,8 +6,8 @@ created just before the kill, so a restarted group runs through). This exercises
 --max-restarts` recovery from the last checkpoint.
 
 `UNIDML_TEST_CHECKPOINT_FAULT=N:STAGE:ACTION` (e.g. `3:prev_linked:kill`): during this process's
-N-th checkpoint write, at STAGE (`writing`, `written`, `best_linked`, `prev_linked`, `done`; see
-`checkpoint.save_epoch`), either SIGKILL the process (`kill`) or fail as a full disk would
+N-th checkpoint write, at STAGE (`writing`, `written`, `best_linked`, `prev_linked`, `last_renamed`,
+`done`; see `checkpoint.save_epoch`), either SIGKILL the process (`kill`) or fail as a full disk would
 (`enospc`). This exercises crash safety inside the write sequence.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 ENV_VAR = "UNIDML_TEST_KILL"
 CHECKPOINT_ENV_VAR = "UNIDML_TEST_CHECKPOINT_FAULT"
-CHECKPOINT_STAGES = ("writing", "written", "best_linked", "prev_linked", "done")
+CHECKPOINT_STAGES = ("writing", "written", "best_linked", "prev_linked", "last_renamed", "done")
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,15 @@
 `claim_run_dir` takes an exclusive `flock` on `RUN_DIR/.lock` (the file holds the writer's PID, so a
 second writer is refused with one line naming it; the kernel releases the lock when the process
 dies, even by SIGKILL), removes temp files a killed writer left, and, unless the run resumes,
-refuses a directory that already holds any checkpoint or a `metrics.json`. The lock is advisory
+refuses a directory that already holds any checkpoint or a `metrics.json`. A run directory that
+cannot be created (a regular file on the way, a read-only or unwritable place) is one line naming it.
+The lock is advisory
 and per host; on network file systems it holds where the file system supports `flock` (NFSv4).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -32,11 +35,28 @@ def _holder(fd: int) -> str:
     return f"PID {text}" if text.isdigit() else "a process whose PID is not recorded yet"
 
 
+def _unusable(run_dir: Path, exc: OSError) -> UserError:
+    if isinstance(exc, FileExistsError) or exc.errno == errno.ENOTDIR:
+        on_way = next((p for p in [run_dir, *run_dir.parents] if p.exists() and not p.is_dir()), run_dir)
+        why = f"{on_way} is a regular file, not a directory"
+    else:
+        why = exc.strerror or str(exc)
+    return UserError(f"{run_dir}: cannot create the run directory ({why}); pass --out DIR in a writable place")
+
+
+def _lock_file(run_dir: Path) -> int:
+    """The run directory created if needed, and its lock file opened (one line when it cannot be)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise _unusable(run_dir, exc) from None
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold the exclusive lock of `run_dir` for the duration of the block."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _lock_file(run_dir)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

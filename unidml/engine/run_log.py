@@ -3,7 +3,9 @@
 Every record of the `unidml` loggers at INFO and above (data notes such as a derived split, fallbacks
 to the core install, warnings, resume) plus the lines the trainer prints per evaluation, each with a
 time stamp. Records logged before the run directory is claimed (while the dataset is read) are held in
-memory and written once it is, so a refused run leaves another run's directory untouched.
+memory and written once it is, so a refused run leaves another run's directory untouched. An error that
+ends the run is written last: the one line the console shows for a user error (a full disk, a diverged
+model), the traceback for anything else.
 """
 from __future__ import annotations
 
@@ -63,10 +65,24 @@ class RunLog:
         self.handler.held = []
         try:
             yield
+        except Exception as exc:
+            self._ended_by(exc)
+            raise
         finally:
             logging.getLogger(LOGGER).removeHandler(self.handler)
             RunLog._current = None
             file.close()
+
+    def _ended_by(self, exc: Exception) -> None:
+        """Write the error that ends the run to the file only (the console reports it once, itself)."""
+        from unidml.errors import UserError
+
+        user = isinstance(exc, UserError)
+        record = logging.makeLogRecord({"name": "unidml.train", "levelno": logging.ERROR, "levelname": "ERROR",
+                                        "msg": f"error: {exc}" if user else f"stopped by {type(exc).__name__}: {exc}"})
+        if not user:
+            record.exc_info = (type(exc), exc, exc.__traceback__)
+        self.handler.file.emit(record)
 
     def note(self, line: str) -> None:
         """A line the console shows through the progress bar (e.g. an epoch's metrics), for the file only."""

@@ -5,8 +5,9 @@
 evaluated split under `splits`), the `best` entry with the protocol that selected it, training
 throughput, `embed_chunks` (K, whether the chunked gradient is exact, and the train-mode BatchNorm
 layers that make it inexact) and `stopped` (null, or why the run stopped early: `{"reason": "non_finite", ...}`).
-It is rewritten atomically after every evaluation; a full disk fails with one line and leaves the
-previous file intact.
+It is rewritten atomically once the evaluated epoch's checkpoint is written (`flush`, called by the
+trainer after each save), so it never lists an epoch that no checkpoint holds; a full disk fails with
+one line and leaves the previous file intact.
 """
 from __future__ import annotations
 
@@ -91,13 +92,13 @@ class RunRecord:
 
     def add_evaluation(self, epoch: int, step: int, splits: dict[str, dict[str, float]],
                        extra: dict[str, float]) -> bool:
-        """Record one evaluation (plus `extra`, e.g. the epoch's train loss); return whether it is the new best."""
+        """Record one evaluation (plus `extra`, e.g. the epoch's train loss); return whether it is the new best.
+        The files are written by `flush`, after the epoch's checkpoint."""
         entry = {"epoch": epoch, "step": step, **extra, **splits[self.selection_split], "splits": splits}
         self.history = [e for e in self.history if e["epoch"] != epoch] + [entry]
         for name, metrics in splits.items():
             self.scalars(epoch, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, f"eval_{name}")
         best = self.best()
-        self.flush()
         return best is not None and best["epoch"] == epoch
 
     def stop(self, reason: str, message: str, epoch: int, step: int) -> None:

@@ -102,7 +102,9 @@ class Trainer:
         }
 
     def save(self, is_best: bool) -> None:
+        """Checkpoint, then metrics.json: the record never lists an epoch that no checkpoint holds."""
         self.backend.save(self._state(), self.run_dir / "checkpoints", is_best)
+        self.record.flush()
 
     def resume(self) -> None:
         """Continue from `train.resume` (auto | PATH); `never` starts afresh (`claim_run_dir` refused a

@@ -2,7 +2,8 @@
 
 Each command module exposes `add_arguments(parser)` and `run(args) -> int`, and imports its heavy
 dependencies inside `run` so that `unidml --help` stays fast. User errors (bad config, bad data,
-bad checkpoint) surface as one line on stderr and exit code 2.
+bad checkpoint) surface as one line on stderr and exit code 2; a collective that fails because a peer
+rank died surfaces as one line naming that rank and its host, exit code 1.
 """
 from __future__ import annotations
 
@@ -96,6 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"unidml: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # torch.distributed.DistBackendError included
+        from unidml.runtime.peers import lost_peer
+
+        line = lost_peer(exc)
+        if line is None:
+            raise
+        print(f"unidml: error: {line}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ feature width and the layer index of each parameter. `build_model` adds the pool
 projection to `model.embedding_dim` and the embedding BatchNorm1d, and applies the per-family
 policies (frozen BatchNorm2d for CNNs with `model.freeze_bn`, the small-image stem for ResNets).
 `check_model_config` builds the network on the meta device (no memory, no weights) and runs one
-forward pass, so an arch that cannot produce an embedding is refused when the config is loaded.
+forward pass, so an arch that cannot produce an embedding is refused when the config is loaded, and so
+is an image smaller than the backbone's downsampling (`downsampling`): below it every image collapses
+to one feature-map cell computed mostly from padding.
 """
 from __future__ import annotations
 
@@ -96,6 +98,29 @@ def build_model(model_cfg: DictConfig, image_size: int = 224, load_weights: bool
                         no_weight_decay=backbone.no_weight_decay)
 
 
+PROBE_SIZE = 256  # px of the meta-device probe that measures a CNN's downsampling
+
+
+def downsampling(backbone: nn.Module) -> int | None:
+    """How many input pixels one cell of the backbone's last feature map spans (32 for a ResNet, 8 with
+    the small-input stem, the patch size of a ViT): timm's `feature_info` where the model has it, else
+    measured with a meta-device forward pass; None when the backbone outputs no feature map."""
+    info = getattr(backbone, "feature_info", None)
+    if info is not None:
+        try:
+            return int(info[-1]["reduction"])
+        except (TypeError, KeyError, IndexError, ValueError):
+            pass
+    with torch.device("meta"):
+        try:
+            out = backbone(torch.empty(1, 3, PROBE_SIZE, PROBE_SIZE))
+        except Exception:  # a fixed-size model (a ViT built for one size): nothing to measure
+            return None
+    if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[-1] == 0:
+        return None
+    return max(1, PROBE_SIZE // int(out.shape[-1]))
+
+
 @functools.lru_cache(maxsize=64)
 def _check(model_yaml: str, image_size: int) -> int:
     model_cfg = OmegaConf.create(model_yaml)
@@ -105,6 +130,10 @@ def _check(model_yaml: str, image_size: int) -> int:
     try:
         with torch.device("meta"):
             net = build_model(model_cfg, image_size, load_weights=False)
+            stride = downsampling(net.backbone)
+            if stride is not None and image_size < stride:
+                raise UserError(f"data.image_size: {image_size} px is smaller than the {stride} px the backbone "
+                                f"'{arch}' downsamples to one feature-map cell; use data.image_size >= {stride}")
             out = net.train()(torch.empty(2, 3, image_size, image_size))
     except UserError:
         raise

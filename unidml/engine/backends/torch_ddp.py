@@ -124,7 +124,7 @@ class TorchBackend:
     def restore(self, source: Path) -> tuple[dict[str, Any], Path] | None:
         """Load model, loss, optimizer, schedule and scaler from a checkpoint directory (newest usable
         file) or one file; return the checkpoint (for the trainer's own fields), or None if none exists."""
-        found = checkpoint.load_source(source)
+        found = checkpoint.load_source(source, quarantine=self.env.is_main)  # rank 0 moves unreadable files aside
         if found is None:
             return None
         state, path = found

@@ -12,6 +12,7 @@ from unidml.engine.distributed import init_distributed
 from unidml.engine.trainer import Trainer
 from unidml.losses import validate_loss_params
 from unidml.study.compare import REPO_VARIANTS, plan_study
+from unidml.study.recipe import OPTIMIZER_DEFAULTS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = ("cub", "cars", "sop", "inshop", "sop_large_batch", "inshop_large_batch")
@@ -66,7 +67,9 @@ def test_every_loss_variant_validates_on_every_recipe(name, tmp_path):
         own = run.loss == base.loss.name  # the base config's own loss keeps its sections
         assert run.cfg.loss.name == run.loss
         assert run.cfg.data.sampler == ("random" if run.loss == "cross_entropy" else variant["data"]["sampler"])
-        assert OmegaConf.to_container(run.cfg.train) == {**base_train, "seed": 0, "resume": "auto"}
+        recipe = {} if own or "train" not in variant else {**OPTIMIZER_DEFAULTS[variant["train"]["optimizer"]],
+                                                            **variant["train"]}
+        assert OmegaConf.to_container(run.cfg.train) == {**base_train, **recipe, "seed": 0, "resume": "auto"}
         assert OmegaConf.to_container(run.cfg.model) == {**base_model, **({} if own else variant.get("model", {}))}
         assert run.cfg.eval == plan[0].cfg.eval
 

@@ -33,7 +33,8 @@ class ConfigError(UserError):
 
 @dataclass
 class SyntheticConfig:
-    """Parameters of the built-in synthetic dataset (generated into `data.root` when absent)."""
+    """Parameters of the built-in generated datasets, `synthetic` and `glyphs` (written into `data.root` when
+    absent)."""
 
     classes: int = 100
     per_class: int = 40

@@ -33,6 +33,7 @@ FATAL = frozenset({"index", "escapes_root", "empty_split"})
 STRICT = frozenset({"missing", "zero_byte", "unreadable", "too_large", "duplicate", "duplicate_id"})
 # Index files whose first column is an image id that must be unique (per layout).
 ID_FILES = {"sop": ("Ebay_train.txt", "Ebay_test.txt"), "synthetic": ("Ebay_train.txt", "Ebay_test.txt"),
+            "glyphs": ("Ebay_train.txt", "Ebay_test.txt"),
             "cub": ("images.txt",)}
 
 

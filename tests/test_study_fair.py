@@ -160,3 +160,15 @@ def test_pruning_keeps_a_late_bloomer_and_cuts_a_flat_bad_trial(tmp_path, share,
     assert _curve_run(studies, 4, FLAT_BAD) == settings.prune_after(10)
     if bloomer_stopped is None:
         assert studies.best("cross_entropy").user_attrs["unidml_slot"] == 3  # the late bloomer is the choice
+
+
+def test_a_variant_file_trains_on_its_own_and_an_override_switches_the_optimizer():
+    from unidml.config import load_config
+
+    alone = load_config([QUICKSTART, REPO_VARIANTS / "contrastive.yaml"])  # as `unidml train --config A --config B`
+    assert (alone.train.optimizer, alone.train.momentum, alone.train.nesterov, alone.train.lr) == ("adamw", 0.0,
+                                                                                                   False, 1e-3)
+    switched = load_config(QUICKSTART, ["train.optimizer=adamw"])  # refused while Nesterov leaked, before
+    assert (switched.train.optimizer, switched.train.nesterov) == ("adamw", False)
+    kept = load_config(QUICKSTART, ["train.optimizer=adamw", "train.optimizer=sgd", "train.momentum=0.5"])
+    assert (kept.train.momentum, kept.train.nesterov) == (0.5, True)

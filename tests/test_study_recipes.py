@@ -8,11 +8,11 @@ from omegaconf import OmegaConf
 from test_data_fixtures import make_cars, make_cub, make_inshop, make_sop
 
 from unidml.config import load_config
+from unidml.config.schema import OPTIMIZER_DEFAULTS
 from unidml.engine.distributed import init_distributed
 from unidml.engine.trainer import Trainer
 from unidml.losses import validate_loss_params
 from unidml.study.compare import REPO_VARIANTS, plan_study
-from unidml.study.recipe import OPTIMIZER_DEFAULTS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = ("cub", "cars", "sop", "inshop", "sop_large_batch", "inshop_large_batch")

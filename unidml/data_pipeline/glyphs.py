@@ -6,9 +6,10 @@ discrete attributes (shape, part layout, hues, texture) and colour identifies it
 glyph: a few smooth strokes (quadratic Bezier curves) in a continuous space of control points.
 Glyphs descend from a few random roots (the super class) by moving one stroke of an earlier glyph,
 so most classes have a near twin differing in one stroke. Colour carries no class information: every
-instance draws its ink colour, stroke width, pose (rotation, scale, translation), a per-instance
-wobble of every control point, a textured background of random sinusoids and clutter strokes of
-the same kind, then blur, noise and JPEG quality.
+instance draws its ink colour (light on a dark background or dark on a light one), stroke width,
+pose (rotation, scale, translation), a per-instance wobble of every control point, a background
+of faint random sinusoids and thin clutter strokes of the same kind, then blur, noise and JPEG
+quality.
 
 Written in the SOP layout with `synthetic.generate_dataset` (same parameters `data.synthetic`, the
 same byte-for-byte determinism per (seed, class, instance)).
@@ -96,33 +97,37 @@ def _curve(points: np.ndarray) -> np.ndarray:
     return (1 - t) ** 2 * points[0] + 2 * (1 - t) * t * points[1] + t ** 2 * points[2]
 
 
-def _background(rng: np.random.Generator, side: int) -> Image.Image:
-    """A sum of three random plane waves, each in its own colour: texture without a class cue."""
+def _background(rng: np.random.Generator, side: int, dark: bool) -> Image.Image:
+    """A base colour (dark or light) plus three faint random plane waves, each in its own colour:
+    texture without a class cue, and an ink of the opposite lightness stays visible on it."""
     ys, xs = np.mgrid[0:side, 0:side].astype(np.float32) / side
-    pixels = np.zeros((side, side, 3), np.float32)
+    pixels = np.broadcast_to(np.array(_colour(rng, (0.0, 0.6), (0.1, 0.35) if dark else (0.7, 0.95)), np.float32),
+                             (side, side, 3)).copy()
     for _ in range(3):
         angle, freq, phase = rng.uniform(0, 2 * np.pi), rng.uniform(1.0, 6.0), rng.uniform(0, 2 * np.pi)
-        wave = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xs * np.cos(angle) + ys * np.sin(angle)) + phase)
-        pixels += wave[..., None] * np.array(_colour(rng, (0.0, 0.7), (0.3, 1.0)), np.float32) / 3
-    return Image.fromarray(pixels.astype(np.uint8))
+        wave = np.sin(2 * np.pi * freq * (xs * np.cos(angle) + ys * np.sin(angle)) + phase)
+        pixels += 0.12 * wave[..., None] * np.array(_colour(rng, (0.0, 0.7), (0.3, 1.0)), np.float32)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def render_image(spec: GlyphSpec, rng: np.random.Generator, size: int) -> Image.Image:
     """One RGB instance of glyph `spec` at `size` x `size`, nuisances drawn from `rng`."""
     side = size * SUPERSAMPLE
-    image = _background(rng, side)
+    dark = bool(rng.integers(2))
+    image = _background(rng, side, dark)
+    ink_value = (0.75, 1.0) if dark else (0.05, 0.35)
     draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(2, 5))):  # clutter: thin random strokes anywhere
+    for _ in range(int(rng.integers(1, 4))):  # clutter: thin random strokes in ink-like colours anywhere
         points = rng.uniform(-0.2, 1.2, size=(3, 2)) * side
-        draw.line([tuple(p) for p in _curve(points)], fill=_colour(rng, (0.3, 1.0), (0.2, 1.0)),
-                  width=max(1, int(rng.uniform(0.015, 0.035) * side)), joint="curve")
+        draw.line([tuple(p) for p in _curve(points)], fill=_colour(rng, (0.3, 1.0), ink_value),
+                  width=max(1, int(rng.uniform(0.01, 0.02) * side)), joint="curve")
 
     angle = np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG))
-    scale = rng.uniform(0.3, 0.4) * side
-    centre = side / 2 + rng.uniform(-0.1, 0.1, size=2) * side
+    scale = rng.uniform(0.38, 0.46) * side
+    centre = side / 2 + rng.uniform(-0.08, 0.08, size=2) * side
     to_image = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) * scale
-    ink = _colour(rng, (0.5, 1.0), (0.15, 1.0))
-    width = max(2, int(rng.uniform(0.06, 0.1) * side))
+    ink = _colour(rng, (0.5, 1.0), ink_value)
+    width = max(2, int(rng.uniform(0.045, 0.075) * side))
     for stroke in spec.strokes:
         points = np.array(stroke).reshape(3, 2) + rng.normal(0.0, WOBBLE, size=(3, 2))
         curve = _curve(points) @ to_image.T + centre

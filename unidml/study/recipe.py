@@ -11,14 +11,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from unidml.config.schema import OPTIMIZER_DEFAULTS
 from unidml.errors import UserError
 
 RECIPE_KEYS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "warmup_iters")
 REQUIRED_KEYS = ("optimizer", "lr", "weight_decay", "warmup_iters")
-# What choosing an optimizer brings when the recipe does not say: SGD as in the paper's
-# cross-entropy recipe (momentum 0.9, Nesterov); AdamW has neither (torch's own betas and eps).
-OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {"sgd": {"momentum": 0.9, "nesterov": True},
-                                                 "adamw": {"momentum": 0.0, "nesterov": False}}
 
 
 def _defaults(optimizer: Any, where: str) -> dict[str, Any]:

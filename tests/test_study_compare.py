@@ -41,13 +41,15 @@ def test_plan_swaps_only_the_loss_sampler_and_head(tmp_path):
     assert dict(triplet.loss) == {"name": "triplet", "margin": 0.1, "mining": "all", "distance": "euclidean",
                                   "normalize": True}
     assert (triplet.data.sampler, triplet.data.m_per_class) == ("m_per_class", 4)
-    contrastive = plan_study(QUICKSTART, ["contrastive"], 1, tmp_path)[0].cfg
-    assert yaml.safe_load((REPO_VARIANTS / "contrastive.yaml").read_text())["model"] == {"feature_bn": True}
-    assert ce.model.feature_bn is False and dict(contrastive.model) == {**ce.model, "feature_bn": True}
-    for run in plan:
+    ms = plan_study(QUICKSTART, ["multi_similarity"], 1, tmp_path)[0].cfg
+    assert yaml.safe_load((REPO_VARIANTS / "multi_similarity.yaml").read_text())["model"] == {"feature_bn": True}
+    assert ce.model.feature_bn is False and dict(ms.model) == {**ce.model, "feature_bn": True}
+    assert (ce.train.optimizer, ce.train.lr) == ("sgd", base["train"]["lr"])  # CE keeps the base's recipe
+    assert (triplet.train.optimizer, triplet.train.lr, triplet.train.nesterov) == ("adamw", 1e-3, False)
+    for run in plan:  # the budget stays the base's
         assert (run.cfg.train.epochs, run.cfg.train.seed, run.cfg.train.resume) == (3, run.seed, "auto")
-        assert (run.cfg.model.arch, run.cfg.train.lr, run.cfg.data.image_size) == (
-            ce.model.arch, ce.train.lr, ce.data.image_size)
+        assert (run.cfg.model.arch, run.cfg.train.batch_size, run.cfg.data.image_size) == (
+            ce.model.arch, ce.train.batch_size, ce.data.image_size)
     distributed = plan_study(QUICKSTART, ["cross_entropy", "snca"], 1, tmp_path, cross_rank=True)
     assert "cross_rank" not in distributed[0].cfg.loss and distributed[1].cfg.loss.cross_rank is True
 
@@ -55,8 +57,8 @@ def test_plan_swaps_only_the_loss_sampler_and_head(tmp_path):
 def test_bad_variant_and_bad_override_fail_before_training(tmp_path):
     variants = tmp_path / "variants"
     variants.mkdir()
-    (variants / "snca.yaml").write_text("loss: {name: snca}\ntrain: {lr: 1.0}\n")
-    with pytest.raises(UserError, match="snca.yaml: a variant holds only 'loss'.*'data', 'model' and 'search'"):
+    (variants / "snca.yaml").write_text("loss: {name: snca}\neval: {ks: [1]}\n")
+    with pytest.raises(UserError, match="snca.yaml: a variant holds only 'loss'.*'model', 'train' and 'search'"):
         plan_study(QUICKSTART, ["snca"], 1, tmp_path, variants=variants)
     with pytest.raises(UserError, match="contrastive.yaml: recipe variant of loss 'contrastive' not found"):
         plan_study(QUICKSTART, ["contrastive"], 1, tmp_path, variants=variants)

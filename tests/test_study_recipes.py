@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from test_data_fixtures import make_cars, make_cub, make_inshop, make_sop
 
 from unidml.config import load_config
+from unidml.config.schema import OPTIMIZER_DEFAULTS
 from unidml.engine.distributed import init_distributed
 from unidml.engine.trainer import Trainer
 from unidml.losses import validate_loss_params
@@ -66,7 +67,9 @@ def test_every_loss_variant_validates_on_every_recipe(name, tmp_path):
         own = run.loss == base.loss.name  # the base config's own loss keeps its sections
         assert run.cfg.loss.name == run.loss
         assert run.cfg.data.sampler == ("random" if run.loss == "cross_entropy" else variant["data"]["sampler"])
-        assert OmegaConf.to_container(run.cfg.train) == {**base_train, "seed": 0, "resume": "auto"}
+        recipe = {} if own or "train" not in variant else {**OPTIMIZER_DEFAULTS[variant["train"]["optimizer"]],
+                                                            **variant["train"]}
+        assert OmegaConf.to_container(run.cfg.train) == {**base_train, **recipe, "seed": 0, "resume": "auto"}
         assert OmegaConf.to_container(run.cfg.model) == {**base_model, **({} if own else variant.get("model", {}))}
         assert run.cfg.eval == plan[0].cfg.eval
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from unidml.config.rules import validate
-from unidml.config.schema import STUDY_SECTION, ConfigError, RunConfig
+from unidml.config.schema import OPTIMIZER_DEFAULTS, STUDY_SECTION, ConfigError, RunConfig
 from unidml.errors import UserError
 
 
@@ -90,10 +90,14 @@ def _switch_loss(cfg: DictConfig, name: Any, source: str) -> None:
 
 
 def _merge_layer(cfg: DictConfig, data: dict[str, Any], source: str) -> DictConfig:
-    """Merge one YAML file's (or one override's) keys onto `cfg`; naming another loss replaces the loss section."""
+    """Merge one YAML file's (or one override's) keys onto `cfg`; naming another loss replaces the loss section,
+    naming another optimizer brings its defaults (`OPTIMIZER_DEFAULTS`) in place of the previous one's keys."""
     loss = data.get("loss")
     if isinstance(loss, dict) and "name" in loss:
         _switch_loss(cfg, loss["name"], source)
+    train = data.get("train")
+    if isinstance(train, dict) and train.get("optimizer", cfg.train.optimizer) != cfg.train.optimizer:
+        cfg = OmegaConf.merge(cfg, {"train": OPTIMIZER_DEFAULTS.get(train["optimizer"], {})})
     try:
         return OmegaConf.merge(cfg, data)
     except OmegaConfBaseException as exc:

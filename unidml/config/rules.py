@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from unidml.config.schema import AUTO_PRECISION, EVAL_METRICS, MAX_PIXELS_LIMIT, METRICS, PRECISIONS, ConfigError
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": ("sop", "inshop", "cub", "cars", "list", "folder", "synthetic"),
+    "data.dataset": ("sop", "inshop", "cub", "cars", "list", "folder", "synthetic", "glyphs"),
     "data.backend": ("auto", "dali", "torchvision"),
     "data.on_error": ("skip", "fail"),
     "data.sampler": ("random", "m_per_class"),

@@ -27,13 +27,21 @@ EVAL_METRICS: tuple[str, ...] = ("recall", "map_at_r", "r_precision", "map", "mr
 MAX_PIXELS_LIMIT = 178_956_970
 
 
+# What choosing `train.optimizer` brings when the config does not say: SGD as in the paper's
+# cross-entropy recipe (momentum 0.9, Nesterov); AdamW has neither (torch's own betas and eps).
+# Applied by the loader when a layer switches the optimizer, so the previous one's keys never leak.
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {"sgd": {"momentum": 0.9, "nesterov": True},
+                                                 "adamw": {"momentum": 0.0, "nesterov": False}}
+
+
 class ConfigError(UserError):
     """A configuration problem, reported as one line naming the key or file."""
 
 
 @dataclass
 class SyntheticConfig:
-    """Parameters of the built-in synthetic dataset (generated into `data.root` when absent)."""
+    """Parameters of the built-in generated datasets, `synthetic` and `glyphs` (written into `data.root` when
+    absent)."""
 
     classes: int = 100
     per_class: int = 40

@@ -19,6 +19,8 @@ from unidml.extras import announce_fallback, installed, require
 from unidml.seeding import derived_seed
 
 log = logging.getLogger(__name__)
+# `data.dataset` values generated into `data.root` from `data.synthetic`, and the module generating each
+GENERATED = {"synthetic": "unidml.data_pipeline.synthetic", "glyphs": "unidml.data_pipeline.glyphs"}
 
 
 def build_dataset(data_cfg: Any, seed: int = 0) -> DatasetDescription:
@@ -26,17 +28,18 @@ def build_dataset(data_cfg: Any, seed: int = 0) -> DatasetDescription:
     the optional class-disjoint validation split (`data.val_classes`, chosen by `seed`). What was derived
     (a missing test split, the validation split) is logged, one line each."""
     root = str(data_cfg.root or "")
-    if data_cfg.dataset == "synthetic" and root:  # returns at once when `root` already holds these parameters
+    if data_cfg.dataset in GENERATED and root:  # returns at once when `root` already holds these parameters
         from unidml.data_pipeline.synthetic import generate_dataset, read_marker
 
-        path = Path(root)
-        if path.is_dir() and any(path.iterdir()) and read_marker(path) is None:
-            raise UserError(f"data.root {root}: holds files but no synthetic dataset (no synthetic.json); "
-                            f"point data.root at a new folder, or set data.dataset for the format it holds")
+        path, generator = Path(root), GENERATED[data_cfg.dataset]
+        if path.is_dir() and any(path.iterdir()) and read_marker(path, generator) is None:
+            raise UserError(f"data.root {root}: holds files but no {data_cfg.dataset} dataset (no synthetic.json of "
+                            f"that generator); point data.root at a new folder, or set data.dataset for the "
+                            f"format it holds")
 
         s = data_cfg.synthetic
         generate_dataset(path, classes=int(s.classes), per_class=int(s.per_class), size=int(s.size),
-                         seed=int(s.seed), test_fraction=float(s.test_fraction))
+                         seed=int(s.seed), test_fraction=float(s.test_fraction), generator=generator)
     dataset = read_dataset(str(data_cfg.dataset), root, str(data_cfg.list_file or ""))
     dataset = carve_validation(dataset, float(data_cfg.val_classes), seed)
     for note in dataset.notes:

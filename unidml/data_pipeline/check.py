@@ -39,6 +39,7 @@ STATUS_WORDS = {"missing": "missing", "zero_byte": "empty", "unreadable": "unrea
                 "empty_class": "class folders without images"}
 # Index files whose first column is an image id that must be unique (per layout).
 ID_FILES = {"sop": ("Ebay_train.txt", "Ebay_test.txt"), "synthetic": ("Ebay_train.txt", "Ebay_test.txt"),
+            "glyphs": ("Ebay_train.txt", "Ebay_test.txt"),
             "cub": ("images.txt",)}
 
 

@@ -338,6 +338,8 @@ DATASETS: dict[str, str] = {
     "list": "your images in a CSV/TSV list, `path,label[,split]` per row (configs/list.yaml)",
     "folder": "your images in class folders, root/<class>/ or root/{train,val,test}/<class>/ (configs/folder.yaml)",
     "synthetic": "the built-in synthetic dataset (SOP layout), generated into data.root on first use",
+    "glyphs": "the built-in stroke-figure dataset (SOP layout, class in the geometry, colour a nuisance), "
+              "generated into data.root on first use",
 }
 
 
@@ -349,7 +351,7 @@ def read_dataset(kind: str, root: Path | str | None, list_file: str = "") -> Dat
         return read_list(root, list_file)
     if root is None:
         raise UserError(f"data.root: required for data.dataset={kind} (only a list file may go without one)")
-    if kind in ("sop", "synthetic"):
+    if kind in ("sop", "synthetic", "glyphs"):
         return read_sop(root, name=kind)
     readers = {"inshop": read_inshop, "cub": read_cub, "cars": read_cars, "folder": read_folder}
     if kind not in readers:

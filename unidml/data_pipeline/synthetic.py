@@ -12,10 +12,13 @@ low-level image statistics do not identify the class while the attributes stay v
 
 Same arguments give byte-identical files: every image has its own RNG seeded from
 (seed, class, instance), independent of how classes are spread over worker processes.
+`generate_dataset` also writes the other built-in generated set (`unidml.data_pipeline.glyphs`):
+a generator is a module with `class_specs(classes, seed)` and `render_image(spec, rng, size)`.
 """
 from __future__ import annotations
 
 import colorsys
+import importlib
 import io
 import json
 import multiprocessing
@@ -266,21 +269,22 @@ def _class_dir(class_id: int) -> str:
     return f"images/c{class_id:04d}"
 
 
-def _write_class(job: tuple[Path, SynthParams, ClassSpec, int]) -> None:
-    """Render and save every image of one class (0-based `index`) under `root`."""
-    root, params, spec, index = job
+def _write_class(job: tuple[Path, SynthParams, object, int, str]) -> None:
+    """Render and save every image of one class (0-based `index`) under `root` with module `generator`."""
+    root, params, spec, index, generator = job
+    render = importlib.import_module(generator).render_image
     folder = root / _class_dir(index + 1)
     folder.mkdir(parents=True, exist_ok=True)
     for instance in range(params.per_class):
         rng = np.random.default_rng([params.seed, 2, index, instance])
-        image = render_image(spec, rng, params.size)
+        image = render(spec, rng, params.size)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=int(rng.integers(60, 96)))
         image_id = index * params.per_class + instance + 1
         (folder / f"{image_id:06d}.jpg").write_bytes(buffer.getvalue())
 
 
-def _list_file(params: SynthParams, specs: list[ClassSpec], class_range: range) -> str:
+def _list_file(params: SynthParams, specs: list, class_range: range) -> str:
     lines = ["image_id class_id super_class_id path"]
     for index in class_range:
         for instance in range(params.per_class):
@@ -290,49 +294,50 @@ def _list_file(params: SynthParams, specs: list[ClassSpec], class_range: range) 
     return "\n".join(lines) + "\n"
 
 
-def read_marker(root: Path) -> dict | None:
-    """The parameters a previous generation stored in `root`, or None if `root` is not one."""
+def read_marker(root: Path, generator: str = __name__) -> dict | None:
+    """The parameters a previous generation by module `generator` stored in `root`, or None if `root` is not one."""
     try:
         data = json.loads((root / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("generator") == __name__ else None
+    return data if isinstance(data, dict) and data.get("generator") == generator else None
 
 
-def _marker_text(params: SynthParams) -> str:
-    return json.dumps({"generator": __name__, **asdict(params)}, indent=2, sort_keys=True) + "\n"
+def _marker_text(params: SynthParams, generator: str) -> str:
+    return json.dumps({"generator": generator, **asdict(params)}, indent=2, sort_keys=True) + "\n"
 
 
-def _check_target(out: Path) -> None:
+def _check_target(out: Path, generator: str) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and read_marker(out) is None:
-        raise UserError(f"--out {out}: directory is not empty and is not a synthetic dataset; choose another path")
+    if out.is_dir() and any(out.iterdir()) and read_marker(out, generator) is None:
+        raise UserError(f"--out {out}: directory is not empty and is not a {generator.rsplit('.', 1)[-1]} dataset; "
+                        f"choose another path")
 
 
 def generate_dataset(out: Path, classes: int = 100, per_class: int = 40, size: int = 64, seed: int = 0,
-                     test_fraction: float = 0.5, workers: int | None = None) -> Path:
-    """Write the synthetic dataset under `out` (SOP layout plus a `synthetic.json` marker) and return
-    `out`. Classes 1..T are train, T+1..N test. The tree is built in a sibling temp directory and
-    renamed into place, so an interrupted run never leaves a complete-looking dataset; an existing
-    synthetic dataset with the same parameters is kept as is, one with other parameters replaced.
-    `workers` processes render classes in parallel (default: the usable cores, at most 8); the
-    bytes written do not depend on it."""
+                     test_fraction: float = 0.5, workers: int | None = None, generator: str = __name__) -> Path:
+    """Write the dataset of module `generator` (this one's by default) under `out` (SOP layout plus a
+    `synthetic.json` marker) and return `out`. Classes 1..T are train, T+1..N test. The tree is built
+    in a sibling temp directory and renamed into place, so an interrupted run never leaves a
+    complete-looking dataset; an existing dataset of the same generator and parameters is kept as is,
+    one with other parameters replaced. `workers` processes render classes in parallel (default: the
+    usable cores, at most 8); the bytes written do not depend on it."""
     out = Path(out)
     target = out.resolve()
     params = SynthParams(int(classes), int(per_class), int(size), int(seed), float(test_fraction))
     params.validate()
-    _check_target(target)
-    marker = read_marker(target) if target.is_dir() else None
-    if marker is not None and marker == json.loads(_marker_text(params)):
+    _check_target(target, generator)
+    marker = read_marker(target, generator) if target.is_dir() else None
+    if marker is not None and marker == json.loads(_marker_text(params, generator)):
         return out
 
-    specs = class_specs(params.classes, params.seed)
+    specs = importlib.import_module(generator).class_specs(params.classes, params.seed)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        jobs = [(staging, params, spec, index) for index, spec in enumerate(specs)]
+        jobs = [(staging, params, spec, index, generator) for index, spec in enumerate(specs)]
         workers = min(8, len(os.sched_getaffinity(0))) if workers is None else workers
         if workers > 1:
             with multiprocessing.get_context().Pool(workers) as pool:
@@ -342,7 +347,7 @@ def generate_dataset(out: Path, classes: int = 100, per_class: int = 40, size: i
                 _write_class(job)
         (staging / "Ebay_train.txt").write_text(_list_file(params, specs, range(params.train_classes)))
         (staging / "Ebay_test.txt").write_text(_list_file(params, specs, range(params.train_classes, params.classes)))
-        (staging / MARKER).write_text(_marker_text(params))
+        (staging / MARKER).write_text(_marker_text(params, generator))
         if target.exists():
             shutil.rmtree(target)  # an empty directory or an older synthetic dataset (checked above)
         staging.rename(target)

@@ -1,9 +1,10 @@
 """Planning the loss comparison: which config each run of the study trains, and whether it already ran.
 
 Each loss gets the base config with its recipe variant swapped in (`configs/pairwise/<loss>.yaml`:
-the loss's published defaults, the m-per-class sampler, its embedding head where it sets one, and
-the `search:` space its tuning draws from); the rest of model and data, epochs and evaluation stay
-the base config's, then the user's `--set` overrides apply to every run. A run is an ordinary run
+the loss's published defaults, its optimizer recipe (`unidml.study.recipe`), the m-per-class
+sampler, its embedding head, and the `search:` space its tuning draws from); the budget (epochs,
+batch size, backbone, data, image size, evaluation) stays the base config's, then the user's `--set`
+overrides apply to every run. A run is an ordinary run
 directory; one whose metrics reach its last epoch with the same resolved config is never retrained,
 an interrupted one resumes.
 """
@@ -21,12 +22,13 @@ from omegaconf import DictConfig
 from unidml.config import STUDY_SECTION, load_config_text, to_yaml
 from unidml.errors import UserError
 from unidml.runtime.precision import precision_of, settle_precision
+from unidml.study.recipe import recipe_train, with_optimizer
 from unidml.study.search_space import Dimension, parse_search, with_values
 
 ALIASES = {"ce": "cross_entropy", "xent": "cross_entropy", "ms": "multi_similarity"}
 DEFAULT_LOSSES = "ce,contrastive,triplet,multi_similarity,snca,pce"
 REPO_VARIANTS = Path(__file__).resolve().parents[2] / "configs" / "pairwise"
-VARIANT_SECTIONS = {"loss", "data", "model", STUDY_SECTION}
+VARIANT_SECTIONS = {"loss", "data", "model", "train", STUDY_SECTION}
 MEMORY_SUFFIX = "+xbm"  # a pairwise loss with cross-batch memory (unidml.losses.xbm)
 OBJECTIVES = ("recall@1", "map@r")  # validation metrics a study can tune and select by
 
@@ -49,7 +51,9 @@ class LossPlan:
         forced = [f"train.seed={seed}", "train.resume=auto"] + ([f"train.epochs={epochs}"] if epochs else [])
         if self.cross_rank and "cross_rank" in loss_parameters(self.loss):
             forced.append("loss.cross_rank=true")
-        text = yaml.safe_dump(with_values(self.mapping, values or {}), sort_keys=False)
+        values = values or {}
+        mapping = with_optimizer(self.mapping, values.get("train.optimizer"), self.source)
+        text = yaml.safe_dump(with_values(mapping, values), sort_keys=False)
         return load_config_text(text, self.source, [*self.overrides, *forced], validate_loss=validate_loss_params)
 
 
@@ -114,21 +118,23 @@ def _variant(loss: str, variants: Path) -> tuple[Path, dict[str, Any]]:
         raise UserError(f"{path}: recipe variant of loss '{loss}' not found (pass --variants DIR)")
     variant = read_mapping(path, f"recipe variant of loss '{loss}'")
     if set(variant) - VARIANT_SECTIONS or (variant.get("loss") or {}).get("name") != loss:
-        raise UserError(f"{path}: a variant holds only 'loss' (with name: {loss}), 'data', 'model' and 'search' "
-                        "sections")
+        raise UserError(f"{path}: a variant holds only 'loss' (with name: {loss}), 'data', 'model', 'train' and "
+                        "'search' sections")
     return path, variant
 
 
-def apply_variant(base: dict[str, Any], loss: str, variant: dict[str, Any]) -> dict[str, Any]:
+def apply_variant(base: dict[str, Any], loss: str, variant: dict[str, Any], where: str = "<variant>") -> dict[str, Any]:
     """The base config's mapping with `loss` swapped in: kept as is when the base already trains
-    `loss`; otherwise its `loss` section replaced by the variant's and the variant's `data` and `model`
-    keys merged in."""
+    `loss`; otherwise its `loss` section replaced by the variant's, the variant's `data` and `model`
+    keys merged in and its `train` recipe in place of the base's (`recipe_train`)."""
     if (base.get("loss") or {}).get("name", "cross_entropy") == loss:
         return copy.deepcopy(base)
     out = copy.deepcopy(base)
     out["loss"] = copy.deepcopy(variant["loss"])
     for section in ("data", "model"):
         out[section] = _merge(base.get(section) or {}, variant.get(section) or {})
+    if "train" in variant:
+        out["train"] = recipe_train(base.get("train"), variant["train"], where)
     return out
 
 
@@ -142,7 +148,7 @@ def plan_losses(config: str | Path, losses: Sequence[str], overrides: Sequence[s
     plans = []
     for loss in losses:
         path, variant = _variant(loss, variants)
-        mapping = apply_variant(base, loss, variant)
+        mapping = apply_variant(base, loss, variant, str(path))
         plan = LossPlan(loss, f"{config} [{loss}]", mapping, (), tuple(overrides), cross_rank)
         plan.config(0)
         dims = parse_search(variant.get(STUDY_SECTION), str(path), lambda values, p=plan: p.config(0, values))
@@ -192,10 +198,9 @@ def run_state(run_dir: Path, cfg: DictConfig) -> str:
 
 
 def describe(cfg: DictConfig) -> dict[str, Any]:
-    """What the study held fixed for every loss, for the report header."""
+    """What the study held fixed for every loss (the budget), for the report header."""
     return {"model": f"{cfg.model.arch} (pretrained: {cfg.model.pretrained or 'none'})",
             "data": f"{cfg.data.dataset} at {cfg.data.root}, {cfg.data.image_size} px, "
                     f"val_classes={cfg.data.val_classes}",
-            "training": f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, momentum {cfg.train.momentum}"
-                        f"{' (Nesterov)' if cfg.train.nesterov else ''}, warm-up {cfg.train.warmup_iters} it, "
-                        f"precision {precision_of(cfg).name}"}
+            "training": f"{cfg.train.epochs} epochs, batch {cfg.train.batch_size}, precision {precision_of(cfg).name} "
+                        f"(each loss's optimizer recipe is listed with it below)"}

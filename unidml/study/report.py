@@ -3,7 +3,10 @@
 Per loss: the test (and val) metrics of its retrainings, mean ± sample std over seeds (ddof = 1; 0
 with one seed), each taken at the trained epoch the retraining selected on the validation split;
 the hyperparameters chosen by tuning; every trial's validation score; the budget it used (trials,
-epochs, images seen); and every failed trial or retraining with its reason. Files are replaced
+epochs, images seen); and every failed trial or retraining with its reason. Two reference rows
+(`unidml.study.baselines`: the untrained network and raw pixels) sit under every table, a loss
+below either is flagged, and seeds give a 95 % t interval of Recall@1 and a Welch test per pair of
+losses (`unidml.study.stats`). Files are replaced
 atomically, so workers that finish at the same time may each write the report.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless back
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from unidml.study.results import LossResult, Usage  # noqa: E402
+from unidml.study.stats import LEVEL, confidence_interval, indistinguishable  # noqa: E402
 
 MI_KEYS = ("mi_knn", "mi_classifier")
 TERMS = ("tightness", "contrast")
@@ -141,21 +145,67 @@ def budget(result: LossResult) -> dict[str, Any]:
             "failed_seeds": sum(s.status == "failed" for s in result.seeds)}
 
 
+def _interval(low_high: tuple[float, float]) -> str:
+    low, high = low_high
+    return "" if math.isnan(low) else f"[{low:.2f}, {high:.2f}]"
+
+
+def recall_scores(metrics: dict[str, list[dict]], split: str) -> dict[str, list[float]]:
+    """loss -> the Recall@1 of each of its runs on `split` (at the selected epoch)."""
+    return {loss: [d["best"]["splits"][split]["recall@1"] for d in runs if split in d["best"]["splits"]]
+            for loss, runs in metrics.items()}
+
+
+def flags(rows: list[dict[str, Any]], baseline_rows: list[dict[str, Any]], split: str) -> dict[str, list[str]]:
+    """loss -> the reference rows whose mean Recall@1 on `split` is above the loss's mean."""
+    key = f"{split} recall@1"
+    refs = {r["loss"]: r[key][0] for r in baseline_rows if key in r and not math.isnan(r[key][0])}
+    return {row["loss"]: [name for name, score in refs.items() if row[key][0] < score]
+            for row in rows if key in row}
+
+
+def _split_table(split: str, rows: list[dict[str, Any]], baseline_rows: list[dict[str, Any]],
+                 metrics: dict[str, list[dict]], columns: list[str]) -> list[str]:
+    intervals = {loss: confidence_interval(values) for loss, values in recall_scores(metrics, split).items()}
+    below = flags(rows, baseline_rows, split)
+    lines = [f"## {split}", "", "mean ± sample std over seeds, in percent, at the trained epoch each retraining "
+             f"selected; R@1 CI: {LEVEL:.0%} Student-t interval of the mean (two seeds or more); the last two rows "
+             "are the references on the same split", "",
+             "| loss | seeds | epoch | " + " | ".join(map(_label, columns)) + " | R@1 CI | below a reference |",
+             "|---" * (len(columns) + 5) + "|"]
+    for row in rows:
+        cells = [_cell(row[f"{split} {k}"]) for k in columns]
+        flag = "**" + ", ".join(below.get(row["loss"], [])) + "**" if below.get(row["loss"]) else ""
+        lines.append(f"| {row['loss']} | {row['seeds']} | {_cell(row['epoch'], 1)} | " + " | ".join(cells)
+                     + f" | {_interval(intervals.get(row['loss'], (math.nan, math.nan)))} | {flag} |")
+    for row in baseline_rows:
+        cells = [_cell(row.get(f"{split} {k}", (math.nan, math.nan))) for k in columns]
+        lines.append(f"| *{row['loss']}* | {row['seeds']} | | " + " | ".join(cells) + " | | |")
+    lines.append("")
+    flagged = [f"`{loss}` (below {', '.join(names)})" for loss, names in below.items() if names]
+    if flagged:
+        lines += [f"**Below a reference on {split}**: " + "; ".join(flagged) + ".", ""]
+    scores = recall_scores(metrics, split)
+    if min((len(v) for v in scores.values()), default=0) < 2:
+        lines += [f"One seed for some loss: no interval, and no difference between losses on {split} is tested.", ""]
+    else:
+        same = indistinguishable(scores)
+        lines += [f"Not distinguishable on {split} R@1 (Welch's t-test, p >= {1 - LEVEL:.2f}): "
+                  + ("; ".join(f"`{a}` and `{b}` (p = {p:.2f})" for a, b, p in same) if same else "no pair") + ".", ""]
+    return lines
+
+
 def markdown(results: Sequence[LossResult], rows: list[dict[str, Any]], metrics: dict[str, list[dict]],
-             header: dict[str, Any], protocol: str, objective: str, plots: Sequence[Path]) -> str:
-    """The report page: protocol, result tables, chosen settings, budget, trials, failures, plots."""
+             header: dict[str, Any], protocol: str, objective: str, plots: Sequence[Path],
+             baseline_rows: Sequence[dict[str, Any]] = ()) -> str:
+    """The report page: protocol, result tables with the reference rows, chosen settings, budget, trials,
+    failures, plots."""
     columns, splits = metric_columns(metrics), splits_of(metrics)
     lines = [f"# Loss comparison: {header['config']}", "", "## Protocol", "", protocol, ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items() if k != "config"]
     lines += ["- **losses** (recipe variants): " + "; ".join(f"`{r.loss}` {r.recipe}" for r in results), ""]
     for split in splits:
-        lines += [f"## {split}", "", "mean ± sample std over seeds, in percent, at the trained epoch each retraining "
-                  "selected", "", "| loss | seeds | epoch | " + " | ".join(map(_label, columns)) + " |",
-                  "|---" * (len(columns) + 3) + "|"]
-        for row in rows:
-            cells = [_cell(row[f"{split} {k}"]) for k in columns]
-            lines.append(f"| {row['loss']} | {row['seeds']} | {_cell(row['epoch'], 1)} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _split_table(split, rows, list(baseline_rows), metrics, columns)
     lines += _tuning_sections(results, objective)
     if any(k in row for row in rows for k in MI_KEYS):
         lines += ["## Mutual-information diagnostics at the selected epoch (nats, training-class sample)", "",
@@ -339,11 +389,13 @@ def plot_tuning(results: Sequence[LossResult], objective: str, path: Path) -> Pa
 
 
 def write_report(out: Path, results: Sequence[LossResult], header: dict[str, Any], protocol: str,
-                 objective: str = "recall@1") -> dict[str, Path]:
-    """Write `summary.md`, `summary.csv`, `trials.csv`, `hyperparameters.csv` and the plots into `out`."""
+                 objective: str = "recall@1", baselines: dict[str, list[dict]] | None = None) -> dict[str, Path]:
+    """Write `summary.md`, `summary.csv`, `trials.csv`, `hyperparameters.csv` and the plots into `out`;
+    `baselines` (reference name -> runs shaped like `_runs`'s) become rows of the tables and CSV."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = _runs(results)
     rows = summary_rows(metrics)
+    baseline_rows = summary_rows({name: runs for name, runs in (baselines or {}).items() if runs})
     paths: dict[str, Path] = {}
     if rows:
         splits = splits_of(metrics)
@@ -356,7 +408,7 @@ def write_report(out: Path, results: Sequence[LossResult], header: dict[str, Any
         paths["trials"] = _write_atomic(out / "trials.csv", trials_csv(results, objective))
         paths["hyperparameters"] = _write_atomic(out / "hyperparameters.csv", hyperparameters_csv(results, objective))
     plots = [p for p in paths.values() if p.suffix == ".png"]
-    paths["csv"] = _write_atomic(out / "summary.csv", summary_csv(rows))
+    paths["csv"] = _write_atomic(out / "summary.csv", summary_csv(rows + baseline_rows))
     paths["markdown"] = _write_atomic(out / "summary.md", markdown(results, rows, metrics, header, protocol,
-                                                                  objective, plots))
+                                                                  objective, plots, baseline_rows))
     return paths

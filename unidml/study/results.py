@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 
 from unidml.study.compare import LossPlan
 from unidml.study.runs import best_trained_entry, failure_reason
+from unidml.study.search_space import values_of
 from unidml.study.tuning import FAILURE, OUTCOME, SLOT, LossStudies, StudySettings, Task, run_dir
 
 
@@ -116,7 +117,7 @@ def collect(settings: StudySettings, plans: Sequence[LossPlan], studies: LossStu
                     result.trials.append(TrialRow(slot, "not started", None, {}, "", Usage()))
                     continue
                 value = trial.value if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) else None
-                result.trials.append(TrialRow(slot, _state(trial), value, dict(trial.params),
+                result.trials.append(TrialRow(slot, _state(trial), value, values_of(trial.params, plan.dims),
                                               trial.user_attrs.get(FAILURE, ""),
                                               run_usage(run_dir(settings.out, Task(plan.loss, "trial", slot)))))
             best = studies.best(plan.loss)

@@ -5,11 +5,14 @@ budget, N trials of E epochs on the training classes, scored on the class-disjoi
 (the best trained epoch's val Recall@1, or MAP@R); the test split is not evaluated while tuning.
 Trial 0 of each loss trains its recipe's own setting (the values its config holds at every searched
 key, where the space contains them), so the search starts from the recipe's score; TPE draws the
-other trials' values from the loss's `search:` space; the median rule stops a trial whose val score
-at an epoch before its last falls below the median of the completed trials at that epoch (at the
-last epoch stopping saves nothing, so the trial completes). The best completed trial's setting is
-then retrained for the full epochs with seeds 0..S-1 and reported on test, at the epoch each
-retraining selects on val.
+other trials' values from the loss's `search:` space; the median rule stops a trial whose best val
+score so far, at an epoch before its last, falls below the median of the completed trials at that
+epoch (at the last epoch stopping saves nothing, so the trial completes). It acts only once
+`prune_startup_trials` trials completed and from epoch `prune_warmup_share` x the trial's epochs
+on (half by default): validation Recall@1 of a run trained from scratch often dips below the
+untrained network in its first epochs and recovers, so an early median cuts late bloomers. The
+best completed trial's setting is then retrained for the full epochs with seeds 0..S-1 and
+reported on test, at the epoch each retraining selects on val.
 
 Every run is an ordinary run directory (`OUT/<loss>/trial<k>`, `OUT/<loss>/seed<s>`). Each loss's
 Optuna study lives in a database (SQLite under OUT by default, or any SQLAlchemy URL), and tasks
@@ -40,7 +43,7 @@ from unidml.seeding import derived_seed
 from unidml.study.compare import LossPlan, _first_difference
 from unidml.study.leases import TaskLeases
 from unidml.study.runs import Pruned, RunResult, best_trained_entry, objective_value, train_run
-from unidml.study.search_space import suggest
+from unidml.study.search_space import params_of, suggest, values_of
 
 SLOT = "unidml_slot"  # trial user attribute: the budget slot 0..N-1 the trial fills
 FAILURE = "unidml_failure"  # trial user attribute: why a failed trial failed
@@ -61,11 +64,15 @@ class StudySettings:
     seed: int = 0  # the sampler's seed; trials train with train.seed = trial_seed
     trial_seed: int = 0
     prune: bool = True
-    prune_startup_trials: int = 2  # completed trials before the median rule applies
-    prune_after_epochs: int = 2  # the earliest epoch at which a trial can be stopped
+    prune_startup_trials: int = 3  # completed trials before the median rule applies
+    prune_warmup_share: float = 0.5  # no trial is stopped before this share of its epochs
     startup_trials: int | None = None  # random draws before TPE; None: min(10, max(2, N // 2))
     name: str = "compare"
     poll_seconds: float = 10.0
+
+    def prune_after(self, epochs: int) -> int:
+        """The earliest epoch at which a trial of `epochs` epochs can be stopped (at least 1)."""
+        return max(1, math.ceil(self.prune_warmup_share * epochs - 1e-9))
 
     @property
     def tpe_startup(self) -> int:
@@ -194,7 +201,7 @@ class LossStudies:
         data = {"config": plan.mapping, "overrides": list(plan.overrides), "trials": s.trials,
                 "search": [dataclasses.asdict(d) for d in plan.dims], "trial_epochs": s.trial_epochs,
                 "objective": s.objective, "seed": s.seed, "trial_seed": s.trial_seed, "prune": s.prune,
-                "prune_startup_trials": s.prune_startup_trials, "prune_after_epochs": s.prune_after_epochs,
+                "prune_startup_trials": s.prune_startup_trials, "prune_warmup_share": s.prune_warmup_share,
                 "startup_trials": s.tpe_startup, "first_trial": "recipe"}
         return json.loads(json.dumps(data))
 
@@ -203,8 +210,9 @@ class LossStudies:
         sampler = SlotSeededTPE(s.seed, s.tpe_startup)
         pruner = optuna.pruners.NopPruner()
         if s.prune:
+            epochs = s.trial_epochs or int(plan.config(s.trial_seed).train.epochs)
             pruner = optuna.pruners.MedianPruner(n_startup_trials=s.prune_startup_trials,
-                                                 n_warmup_steps=s.prune_after_epochs)
+                                                 n_warmup_steps=s.prune_after(epochs))
         if create:
             study = optuna.create_study(study_name=name, storage=self.storage, direction="maximize",
                                         sampler=sampler, pruner=pruner, load_if_exists=True)
@@ -238,12 +246,12 @@ class LossStudies:
         return max(done, key=lambda t: (t.value, -int(t.user_attrs[SLOT]))) if done else None
 
     def recipe_values(self, loss: str) -> dict[str, Any]:
-        """The loss's recipe setting in its search space: the config's value at every searched key
-        that the space contains (others are left to the sampler)."""
+        """The loss's recipe setting in its search space, as trial parameters: the config's value at every
+        searched key that the space contains, a conditional key only on its recipe branch (others are
+        left to the sampler)."""
         plan = self.plans[loss]
         cfg = plan.config(self.settings.trial_seed)  # the seed and epochs are never searched keys
-        values = {d.key: OmegaConf.select(cfg, d.key) for d in plan.dims}
-        return {d.key: values[d.key] for d in plan.dims if d.contains(values[d.key])}
+        return params_of({d.key: OmegaConf.select(cfg, d.key) for d in plan.dims}, plan.dims)
 
     def start_trial(self, loss: str, slot: int) -> optuna.Trial | None:
         """The running Optuna trial of `slot` (created, or taken over from a dead worker); None when
@@ -284,7 +292,7 @@ class LossStudies:
                 best = self.best(loss)
                 if best is None:
                     continue  # no completed trial: nothing to retrain (the report says so)
-                values = dict(best.params)
+                values = values_of(best.params, self.plans[loss].dims)
             seeds = [f"seed{s}" for s in range(self.settings.seeds)]
             for s, task in enumerate(seeds):
                 if self._free(name, task, leases):

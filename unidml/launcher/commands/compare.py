@@ -3,8 +3,9 @@
 Compares losses on one backbone, data and budget. With `--trials N`, each loss is first tuned: N
 trials, the first at the recipe variant's own setting and the others drawn by Optuna's TPE from the
 loss's search space (`search:` in the variant), each a run scored on the class-disjoint validation
-split, median-pruned per epoch; the best setting is then retrained with seeds 0..S-1 and reported on
-test. Without `--trials`, every loss trains at its recipe variant's settings. Runs are ordinary run
+split, median-pruned per epoch from half its epochs on; the best setting is then retrained with
+seeds 0..S-1 and reported on test, beside two references (the untrained network, raw pixels).
+Without `--trials`, every loss trains at its recipe variant's settings. Runs are ordinary run
 directories under OUT; the study database (`--storage`, SQLite under OUT by default) lets an
 interrupted study resume and several workers (processes, nodes, torchrun jobs) share it: start the
 same command once per worker. Writes `OUT/summary.md`, CSV tables and PNG plots.
@@ -84,9 +85,12 @@ def protocol_text(settings, select: str, epochs: int) -> str:
     if not s.trials:
         return (f"No tuning: every loss trains at its recipe variant's settings for {epochs} epochs with {seeds}; "
                 f"{report}.")
-    prune = (f"a trial is stopped at epoch e >= {s.prune_after_epochs} when its val score is below the median of the "
-             f"completed trials at e (after {s.prune_startup_trials} completed trials)") if s.prune else "no pruning"
-    return (f"Every loss gets the same tuning budget: {s.trials} trials of {s.trial_epochs or epochs} epochs "
+    trial_epochs = s.trial_epochs or epochs
+    prune = (f"a trial is stopped at epoch e >= {s.prune_after(trial_epochs)} ({s.prune_warmup_share:.0%} of its "
+             f"{trial_epochs} epochs: runs dip early and recover) when its best val score so far is below the median "
+             f"of the completed trials at e (after {s.prune_startup_trials} completed trials)")
+    prune = prune if s.prune else "no pruning"
+    return (f"Every loss gets the same tuning budget: {s.trials} trials of {trial_epochs} epochs "
             f"(train.seed {s.trial_seed}), each trained on the training classes and scored on the class-disjoint "
             f"validation split only (the test split is not evaluated while tuning); a trial's score is its best "
             f"trained epoch's val {s.objective}. Trial 0 trains the loss's recipe setting (its variant's value at "
@@ -105,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     from unidml.config import load_config
     from unidml.engine.distributed import init_distributed, shutdown
     from unidml.launcher.logs import setup_logging
+    from unidml.study.baselines import RAW_PIXELS, UNTRAINED, as_runs, epoch0_entries, raw_pixel_metrics
     from unidml.study.compare import describe, parse_losses, plan_losses
     from unidml.study.report import write_report
     from unidml.study.results import collect
@@ -138,17 +143,25 @@ def run(args: argparse.Namespace) -> int:
     results = collect(settings, plans, studies, select, recipes)
     header = {"config": args.config, **describe(plans[0].config(0)),
               "seeds": ", ".join(str(s) for s in range(args.seeds)), "overrides": " ".join(overrides)}
-    paths = write_report(out, results, header, protocol_text(settings, select, base.train.epochs), args.objective)
+    histories = [s.history for r in results for s in r.finished_seeds]
+    pixels = raw_pixel_metrics([plans[0].config(seed) for seed in range(args.seeds)], env)
+    baselines = {UNTRAINED: as_runs(epoch0_entries(histories)), RAW_PIXELS: as_runs(pixels)}
+    paths = write_report(out, results, header, protocol_text(settings, select, base.train.epochs), args.objective,
+                         baselines)
     empty = [r.loss for r in results if not r.finished_seeds]
     print(f"report: {paths['markdown']} | {paths['csv']}" + (f" | no result for {', '.join(empty)}" if empty else ""))
     return 1 if empty else 0
 
 
 def _loss_summary(cfg) -> str:
-    """`param=value, ...` of a run's loss section, its sampler and its embedding head, for the report header."""
+    """`param=value, ...` of a run's loss section, its sampler, embedding head and optimizer recipe, for the
+    report header."""
     from omegaconf import OmegaConf
 
     params = {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k != "name"}
     sampler = cfg.data.sampler + (f" m={cfg.data.m_per_class}" if cfg.data.sampler == "m_per_class" else "")
     head = "BatchNorm1d" if cfg.model.feature_bn else "raw features"
-    return ", ".join(f"{k}={v}" for k, v in params.items()) + f" ({sampler} sampler, {head} head)"
+    t = cfg.train
+    momentum = f" momentum {t.momentum:g}{' Nesterov' if t.nesterov else ''}" if t.optimizer == "sgd" else ""
+    optimizer = f"{t.optimizer} lr {t.lr:g}{momentum} wd {t.weight_decay:g} warm-up {t.warmup_iters} it"
+    return ", ".join(f"{k}={v}" for k, v in params.items()) + f" ({sampler} sampler, {head} head, {optimizer})"

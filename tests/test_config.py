@@ -74,8 +74,8 @@ def test_every_shipped_config_loads():
 def test_a_recipe_variant_trains_as_a_config_its_search_space_left_to_the_study():
     cfg = load_config([REPO / "configs" / "quickstart.yaml", REPO / "configs" / "pairwise" / "contrastive.yaml"],
                       ["model.feature_bn=true"])
-    assert (cfg.loss.name, cfg.loss.neg_margin, cfg.data.sampler, cfg.model.feature_bn) == \
-        ("contrastive", 1.0, "m_per_class", True)
+    assert (cfg.loss.name, cfg.loss.neg_margin, cfg.data.sampler, cfg.model.feature_bn, cfg.train.optimizer) == \
+        ("contrastive", 0.5, "m_per_class", True, "adamw")
     assert "search" not in cfg
 
 

@@ -2,6 +2,7 @@
 resume after a crash from a corrupted checkpoint, profiler traces and the projector snapshot."""
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -54,38 +55,53 @@ def row_dropout(module, inputs, output, p: float = 0.3):
     return output * keep / (1.0 - p)
 
 
+def step_gradients(t: Trainer, images: torch.Tensor, labels: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """The gradient one micro-batch accumulates into every parameter, the global RNG seeded with `seed`."""
+    t.module.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    t.train_step(images, labels, ends_step=False)
+    return {n: p.grad.clone() for n, p in t.module.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("loss", [{"name": "cross_entropy", "dropout": 0.3}, {"name": "multi_similarity"}])
 def test_embed_chunks_give_the_full_batch_gradient(tmp_path, loss):
     """K=4 chunks (gradient caching with RNG replay) == one full-batch pass, for a model with dropout,
     a loss with its own parameters and dropout (cross-entropy) and a pairwise loss.
 
-    Two epochs: cross-entropy's classifier starts at zero, so the first step sends no gradient into the
-    backbone, and only later steps depend on the replayed dropout masks."""
-    runs = {}
+    Both trainers start from the weights one full-batch epoch reached (cross-entropy's classifier starts
+    at zero, and sends no gradient into the backbone before its first step). The gradients are compared,
+    not the weights after several steps: this untrained network with frozen BatchNorm is not normalised,
+    so SGD amplifies any rounding difference from step to step and the end weights test that
+    amplification rather than the chunking."""
+    trainers = {}
     for chunks in (1, 4):
-        t = trainer(tmp_path / f"k{chunks}",
-                    base_overrides(tmp_path / "data") + [f"engine.embed_chunks={chunks}", "train.epochs=2"],
-                    loss)
+        overrides = base_overrides(tmp_path / "data") + [f"engine.embed_chunks={chunks}"]
+        t = trainer(tmp_path / f"k{chunks}", overrides, loss)
         t.module.model.backbone.register_forward_hook(row_dropout)
-        before = params(t)
-        batch_sizes = []
+        trainers[chunks] = t
+    full, chunked = trainers[1], trainers[4]
+    full.train_epoch(0)
+    chunked.module.load_state_dict(full.module.state_dict())
+    images, labels = next(iter(chunked.loader))
+    batch_sizes = []
+    for t in (full, chunked):
         t.module.model.register_forward_hook(lambda m, i, o: batch_sizes.append(len(o)))
-        means = [t.train_epoch(epoch) for epoch in range(2)][-1]
-        # per step: one 16-image forward, or 4 no-grad chunks of 4 then their 4 replays
-        assert batch_sizes == ([16] if chunks == 1 else [4] * 8) * t.steps_per_epoch * 2
-        runs[chunks] = (before, params(t), means)
-    (start1, end1, means1), (start4, end4, means4) = runs[1], runs[4]
+    reference = step_gradients(full, images, labels, seed=1)
+    other_masks = step_gradients(full, images, labels, seed=2)
+    grads = step_gradients(chunked, images, labels, seed=1)
+    assert batch_sizes == [16, 16] + [4] * 8  # one 16-image forward each, or 4 no-grad chunks then 4 replays
+    assert set(grads) == set(reference) and any(".backbone." in f".{n}" for n in grads)
+
+    def worst_relative_difference(a: dict, b: dict) -> float:
+        return max(((a[n] - b[n]).abs().max() / a[n].abs().max()).item() for n in a if a[n].abs().max() > 0)
+
     # Not bit-equal: the chunks run the network's GEMMs on 4-row instead of 16-row inputs and sum the
-    # per-sample parameter gradients in another order, each a relative rounding difference of a few
-    # 1e-7 per operation, grown to ~1e-5 over a few steps; a wrong replay (other dropout masks) or a
-    # missing cached gradient changes the update itself, which the backbone check below makes large.
-    for name in end1:
-        assert torch.equal(start1[name], start4[name])
-        assert torch.allclose(end1[name], end4[name], rtol=1e-4, atol=1e-6), name
-    backbone_moved = max((end1[n] - start1[n]).abs().max().item() for n in end1 if ".backbone." in f".{n}")
-    assert backbone_moved > 1e-4  # the backbone trained, so its gradient went through the replay
-    assert means1["train_loss"] == pytest.approx(means4["train_loss"], rel=1e-5)
+    # per-sample parameter gradients in another order, each a relative difference of a few float32
+    # epsilons (1.2e-7) per sum, about 1e-6 of the largest entry in the end. A replay that draws other
+    # dropout masks, or a cached gradient lost, changes the gradient by far more than that:
+    assert worst_relative_difference(reference, grads) < 1e-5
+    assert worst_relative_difference(reference, other_masks) > 1e-2
 
 
 @pytest.mark.timeout(180)
@@ -171,7 +187,8 @@ def test_crash_then_corrupt_checkpoint_resume_matches_uninterrupted_run(tmp_path
     with caplog.at_level(logging.WARNING):
         resumed = trainer(run_b, overrides + ["train.resume=auto"])
         resumed.fit()
-    assert "last.pt: corrupt or truncated checkpoint" in caplog.text
+    assert re.search(r"last\.pt: moved aside as last\.pt\.corrupt-\d{8}T\d{6} \(it failed to load\)", caplog.text)
+    assert len(list((run_b / "checkpoints").glob("last.pt.corrupt-*"))) == 1  # kept, not deleted
     assert resumed.step == a.step == 6
     for name, value in a.module.state_dict().items():
         assert torch.allclose(value.float(), resumed.module.state_dict()[name].float(), rtol=1e-5, atol=1e-7), name

@@ -158,9 +158,9 @@ def run_cases(p: Probe) -> None:
     p.record("file_size_limit", "one line, in train.log, metrics<=checkpoint", outcome, ok,
              generations_lost(run / "checkpoints"))
 
-    for stage in ("writing", "prev_linked"):
+    for stage in ("writing", "prev_linked"):  # the third write: last.pt and prev.pt both exist before it
         run = p.work / f"enospc_{stage}"
-        outcome = p.unidml(p.train(run), env={"UNIDML_TEST_CHECKPOINT_FAULT": f"2:{stage}:enospc"})
+        outcome = p.unidml(p.train(run), env={"UNIDML_TEST_CHECKPOINT_FAULT": f"3:{stage}:enospc"})
         ok = outcome.clean_error and "disk full" in outcome.error_lines[0]
         p.record(f"enospc_at_{stage}", "one line, 2 distinct generations", outcome, ok,
                  generations_lost(run / "checkpoints"))

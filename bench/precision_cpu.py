@@ -17,15 +17,15 @@ import time
 
 import torch
 
-from unidml.config import load_config
 from unidml.models import build_model
+from unidml.run_config import load_run_config
 from unidml.runtime.precision import Precision, native_bf16, resolve_precision
 
 
 def step_seconds(precision: Precision, args: argparse.Namespace) -> list[float]:
     """Seconds of each timed forward + backward + SGD step under `precision` (fresh seeded model)."""
     torch.manual_seed(0)
-    cfg = load_config(None, ["model.arch=resnet18", 'model.pretrained=""', "model.feature_bn=false"])
+    cfg = load_run_config(None, ["model.arch=resnet18", 'model.pretrained=""', "model.feature_bn=false"])
     model = build_model(cfg.model, image_size=args.image_size).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size).to(memory_format=torch.channels_last)

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from unidml.config import load_config
 from unidml.engine.distributed import init_distributed
 from unidml.engine.optim import build_optimizer
 from unidml.engine.trainer import Trainer
-from unidml.losses import build_loss_from_config, validate_loss_params
+from unidml.losses import build_loss_from_config
 from unidml.models import build_model
+from unidml.run_config import load_run_config
 from unidml.runtime.precision import precision_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def engine_trainer(args: argparse.Namespace, workdir: Path) -> Trainer:
                  f"data.num_workers={args.workers}", f"data.backend={args.data_backend}", f"model.arch={args.arch}",
                  f"train.batch_size={args.batch}", "train.epochs=2", f"engine.precision={args.precision}",
                  "eval.batch_size=256"]
-    cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides, validate_loss=validate_loss_params)
+    cfg = load_run_config(REPO / "configs" / "quickstart.yaml", overrides)
     return Trainer(cfg, workdir / "run", init_distributed("cpu" if not torch.cuda.is_available() else "auto"))
 
 

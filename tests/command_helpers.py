@@ -16,11 +16,12 @@ def command(module, argv: list[str]) -> int:
 
 def write_untrained_checkpoint(root: Path, overrides: list[str]) -> Path:
     """`root/run/checkpoints/best.pt` holding a seeded untrained model and its config (data under `root/data`)."""
-    from unidml.config import load_config, to_yaml
+    from unidml.config import to_yaml
     from unidml.engine.checkpoint import save_atomic
     from unidml.models import build_model
+    from unidml.run_config import load_run_config
 
-    cfg = load_config(None, overrides + [f"data.root={root / 'data'}"])
+    cfg = load_run_config(None, overrides + [f"data.root={root / 'data'}"])
     torch.manual_seed(0)
     path = root / "run" / "checkpoints" / "best.pt"
     save_atomic({"config": to_yaml(cfg), "model": build_model(cfg.model, cfg.data.image_size).state_dict()}, path)

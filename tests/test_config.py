@@ -4,6 +4,9 @@ from pathlib import Path
 import pytest
 
 from unidml.config import ConfigError, load_config, load_config_text, to_yaml
+from unidml.run_config import register_components
+
+register_components()  # the config layer checks registry-backed choices against what is registered
 
 REPO = Path(__file__).resolve().parents[1]
 

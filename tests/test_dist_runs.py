@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from unidml.config import load_config
 from unidml.engine.distributed import init_distributed
 from unidml.engine.trainer import Trainer
-from unidml.losses import validate_loss_params
+from unidml.run_config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "quickstart.yaml"
@@ -51,7 +50,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def single_process_run(run_dir: Path, overrides: list[str]) -> tuple[dict, dict]:
     """Train in this process; return (initial parameters, final checkpoint)."""
-    cfg = load_config(CONFIG, overrides, validate_loss=validate_loss_params)
+    cfg = load_run_config(CONFIG, overrides)
     trainer = Trainer(cfg, run_dir, init_distributed("cpu"))
     initial = {f"model.{k}": v.clone() for k, v in trainer.module.model.state_dict().items()}
     initial.update({f"loss.{k}": v.clone() for k, v in trainer.module.loss.state_dict().items()})

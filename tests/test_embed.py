@@ -35,7 +35,7 @@ def test_embed_split_matches_the_checkpoint_evaluation(checkpoint, tmp_path, cap
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)  # float32 unit vectors
     assert not (tmp_path / "test.npy.parts").exists()  # chunks merged and removed
     from unidml.data_pipeline import build_dataset
-    from unidml.engine.checkpoint import load_for_inference
+    from unidml.run_config import load_for_inference
 
     _, cfg = load_for_inference(checkpoint)
     test = build_dataset(cfg.data).splits["test"]
@@ -98,7 +98,7 @@ def test_chunks_of_other_inputs_are_refused(checkpoint, tmp_path):
 
 def test_embed_folder_and_list_inputs(checkpoint, tmp_path):
     from unidml.data_pipeline import build_dataset
-    from unidml.engine.checkpoint import load_for_inference
+    from unidml.run_config import load_for_inference
 
     _, cfg = load_for_inference(checkpoint)
     images = [Path(p) for p in build_dataset(cfg.data).splits["test"].paths[:5]]
@@ -124,7 +124,7 @@ def test_embed_folder_and_list_inputs(checkpoint, tmp_path):
 
 
 def test_index_and_search_with_it_agree_with_exact_search(checkpoint, tmp_path, capsys):
-    from unidml.engine.checkpoint import load_for_inference
+    from unidml.run_config import load_for_inference
 
     out = tmp_path / "gallery.npy"
     assert command(embed, ["--checkpoint", str(checkpoint), "--split", "test", "--out", str(out)]) == 0

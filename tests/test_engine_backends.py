@@ -7,17 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from unidml.config import ConfigError, check_runtime, load_config
+from unidml.config import ConfigError, check_runtime
 from unidml.engine.backends.deepspeed import deepspeed_config
 from unidml.engine.distributed import DistEnv
 from unidml.errors import UserError
 from unidml.launcher.cli import build_parser, main
+from unidml.run_config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cfg(*overrides: str):
-    return load_config(REPO / "configs" / "quickstart.yaml", list(overrides))
+    return load_run_config(REPO / "configs" / "quickstart.yaml", list(overrides))
 
 
 def test_single_backend_refuses_several_processes():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from unidml.config import PRECISIONS, load_config, to_yaml
+from unidml.config import PRECISIONS, to_yaml
 from unidml.data_pipeline.dataset import DatasetDescription, ImageSet
 from unidml.engine.backends import StepOutcome
 from unidml.engine.evaluator import eval_pair
@@ -16,6 +16,7 @@ from unidml.engine.guards import RunGuard
 from unidml.engine.meter import StepMeter
 from unidml.engine.run_record import RunRecord
 from unidml.errors import UserError
+from unidml.run_config import load_run_config
 from unidml.runtime import collectives
 from unidml.runtime import precision as precision_module
 from unidml.runtime.device import choose_device
@@ -40,7 +41,7 @@ def test_precision_names_dtypes_and_autocast():
     with Precision("bf16").autocast("cpu"):
         assert layer(x).dtype == torch.bfloat16
     assert not Precision("bf16").grad_scaler(torch.device("cpu")).is_enabled()
-    assert precision_of(load_config(None, ["engine.precision=fp16"])) == Precision("fp16")
+    assert precision_of(load_run_config(None, ["engine.precision=fp16"])) == Precision("fp16")
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16, got 'fp8'"):
         Precision("fp8")
 
@@ -55,7 +56,7 @@ def test_auto_precision_picks_bf16_only_where_it_is_native(monkeypatch, native, 
 
 def test_settled_config_is_concrete_and_warns_on_emulated_bf16(monkeypatch, caplog, tmp_path):
     monkeypatch.setattr(precision_module, "native_bf16", lambda dev: False)
-    auto = load_config(None, ["engine.precision=auto", "engine.device=cpu"])
+    auto = load_run_config(None, ["engine.precision=auto", "engine.device=cpu"])
     settled = settle_precision(auto)
     assert settled.engine.precision == "fp32" and auto.engine.precision == "auto"  # the caller's config is kept
     # A study's run directory stores the settled config: the same `auto` config still matches it.
@@ -63,7 +64,7 @@ def test_settled_config_is_concrete_and_warns_on_emulated_bf16(monkeypatch, capl
     assert run_state(tmp_path, auto) == "partial"
     warn_if_emulated(precision_of(settled), "cpu")
     assert not caplog.records
-    explicit = load_config(None, ["engine.precision=bf16", "engine.device=cpu"])
+    explicit = load_run_config(None, ["engine.precision=bf16", "engine.device=cpu"])
     assert settle_precision(explicit).engine.precision == "bf16"  # asked for explicitly: kept, with a warning
     warn_if_emulated(precision_of(explicit), "cpu")
     assert "engine.precision=bf16 on a CPU without bf16 kernels" in caplog.text

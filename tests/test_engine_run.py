@@ -9,11 +9,10 @@ import pytest
 import torch
 import yaml
 
-from unidml.config import load_config
 from unidml.engine.distributed import init_distributed
 from unidml.engine.trainer import Trainer
 from unidml.errors import UserError
-from unidml.losses import validate_loss_params
+from unidml.run_config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +34,7 @@ def trainer(run_dir: Path, overrides: list[str], loss: dict | None = None) -> Tr
         data["loss"] = loss
         config = run_dir.parent / f"{run_dir.name}.yaml"
         config.write_text(yaml.safe_dump(data))
-    cfg = load_config(config, overrides, validate_loss=validate_loss_params)
+    cfg = load_run_config(config, overrides)
     return Trainer(cfg, run_dir, init_distributed("cpu"))
 
 

@@ -129,11 +129,11 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("clip", [0.0, 1.0])
 def test_backend_step_reports_the_norm_and_clips_only_when_asked(clip):
-    from unidml.config import load_config
     from unidml.engine.backends import TorchBackend
     from unidml.engine.distributed import init_distributed
+    from unidml.run_config import load_run_config
 
-    cfg = load_config(None, [f"train.grad_clip={clip}", "train.lr=0.5", "train.momentum=0", "train.weight_decay=0",
+    cfg = load_run_config(None, [f"train.grad_clip={clip}", "train.lr=0.5", "train.momentum=0", "train.weight_decay=0",
                              "train.warmup_iters=1", "engine.precision=fp32"])
     module = nn.Linear(3, 2)
     backend = TorchBackend(module, cfg, init_distributed("cpu"), total_steps=10)

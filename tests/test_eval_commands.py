@@ -32,7 +32,7 @@ def embeddings_of(run_dir: Path, paths: tuple[str, ...]) -> np.ndarray:
     """The checkpoint's fp32 embeddings of images through the run's test transform (no evaluation code)."""
     from unidml.data_pipeline import build_eval_loader
     from unidml.data_pipeline.dataset import ImageSet
-    from unidml.engine.checkpoint import load_for_inference
+    from unidml.run_config import load_for_inference
 
     model, cfg = load_for_inference(str(run_dir / "run" / "checkpoints" / "best.pt"))
     images = ImageSet("x", paths, np.zeros(len(paths), np.int64))
@@ -42,12 +42,12 @@ def embeddings_of(run_dir: Path, paths: tuple[str, ...]) -> np.ndarray:
 
 
 def test_eval_checkpoint_writes_metrics_equal_to_brute_force(run_dir, capsys):
-    from unidml.config import load_config
     from unidml.data_pipeline import build_dataset
+    from unidml.run_config import load_run_config
 
     assert command(evaluate, ["--checkpoint", str(run_dir / "run" / "checkpoints" / "best.pt")]) == 0
     record = json.loads((run_dir / "run" / "checkpoints" / "eval_best.json").read_text())  # named after the input
-    test = build_dataset(load_config(None, OVERRIDES + [f"data.root={run_dir / 'data'}"]).data).splits["test"]
+    test = build_dataset(load_run_config(None, OVERRIDES + [f"data.root={run_dir / 'data'}"]).data).splits["test"]
     want = brute_force_metrics(embeddings_of(run_dir, test.paths), test.labels, ks=(1, 2, 4))
     assert record["split"] == "test" and record["metric"] == "cosine"
     assert record["metrics"] == pytest.approx({**want, "unreadable_images": 0}, abs=1e-6) and record["unreadable"] == []

@@ -11,6 +11,7 @@ import torch
 
 from unidml.errors import UserError
 from unidml.launcher.commands import export
+from unidml.run_config import load_run_config
 
 pytest.importorskip("timm")
 BASE = ["data.synthetic.classes=4", "data.synthetic.per_class=3", "data.synthetic.size=32", "data.image_size=32",
@@ -28,12 +29,12 @@ def command(argv: list[str]) -> int:
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))
 def checkpoint(request, tmp_path_factory) -> Path:
-    from unidml.config import load_config, to_yaml
+    from unidml.config import to_yaml
     from unidml.engine.checkpoint import save_atomic
     from unidml.models import build_model
 
     root = tmp_path_factory.mktemp(request.param)
-    cfg = load_config(None, BASE + ARCHS[request.param] + [f"data.root={tmp_path_factory.getbasetemp() / 'data'}"])
+    cfg = load_run_config(None, BASE + ARCHS[request.param] + [f"data.root={tmp_path_factory.getbasetemp() / 'data'}"])
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.data.image_size).train()
     with torch.no_grad():  # non-trivial BatchNorm statistics, as after training
@@ -43,7 +44,7 @@ def checkpoint(request, tmp_path_factory) -> Path:
 
 
 def reference(checkpoint: Path, images: torch.Tensor) -> np.ndarray:
-    from unidml.engine.checkpoint import load_for_inference
+    from unidml.run_config import load_for_inference
 
     model, _ = load_for_inference(checkpoint)
     with torch.no_grad():

@@ -218,7 +218,7 @@ def test_a_state_that_does_not_fit_names_the_first_difference(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="missing 'bias'"):
         checkpoint.load_module_state(small, {"weight": small.weight.detach()}, "ck.pt", "model")
     with pytest.raises(checkpoint.CheckpointError, match="carries no run config"):
-        checkpoint.stored_config({"model": {}}, "ck.pt")
+        checkpoint.stored_config_text({"model": {}}, "ck.pt")
 
 
 def test_a_non_finite_parameter_or_buffer_is_found():

@@ -292,12 +292,12 @@ def test_a_checkpoint_with_any_name_resumes(world):
 
 
 def test_an_empty_config_file_is_announced(tmp_path, caplog):
-    from unidml.config import load_config
+    from unidml.run_config import load_run_config
 
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")
     with caplog.at_level("WARNING"):
-        cfg = load_config(empty)
+        cfg = load_run_config(empty)
     assert cfg.train.epochs == 30
     assert [r.getMessage() for r in caplog.records] == [f"{empty}: the config file is empty; running on the defaults"]
 
@@ -307,7 +307,7 @@ def _embed(w: World, paths: list[str], backend: str) -> np.ndarray:
     """fp32 embeddings of image files through the run's test transform, without evaluation code."""
     from unidml.data_pipeline import build_eval_loader
     from unidml.data_pipeline.dataset import ImageSet
-    from unidml.engine.checkpoint import load_for_inference
+    from unidml.run_config import load_for_inference
 
     model, cfg = load_for_inference(w.last, [f"data.backend={backend}"])
     loader = build_eval_loader(cfg.data, ImageSet("x", tuple(paths), np.zeros(len(paths), np.int64)), batch_size=64,

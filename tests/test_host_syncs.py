@@ -33,16 +33,15 @@ TRITON = ["cross_entropy", "multi_similarity+xbm", "contrastive"]  # proxy_ancho
 
 
 def _trainer(work: Path, name: str, backend: str):
-    from unidml.config import load_config
     from unidml.engine.distributed import init_distributed
     from unidml.engine.trainer import Trainer
-    from unidml.losses import validate_loss_params
+    from unidml.run_config import load_run_config
 
     data = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     data["loss"] = {**LOSSES[name], "backend": backend}
     config = work / f"{name}-{backend}.yaml"
     config.write_text(yaml.safe_dump(data))
-    cfg = load_config(config, [f"data.root={work / 'data'}", *TINY], validate_loss=validate_loss_params)
+    cfg = load_run_config(config, [f"data.root={work / 'data'}", *TINY])
     return Trainer(cfg, work / f"run-{name}-{backend}", init_distributed("cpu"))
 
 

@@ -1,7 +1,8 @@
 """Every module imports, and the import graph has the architecture's shape (docs/design.md, "Import direction").
 
-launcher -> study -> engine -> {models, losses, data_pipeline, evaluation} -> kernels, with the leaves
-(config, errors, extras, seeding, runtime) importable from everywhere and importing none of the layers.
+launcher -> study -> run_config (the composition root) -> engine -> {models, losses, data_pipeline, evaluation}
+-> kernels, with the leaves (config, errors, extras, registry, seeding, runtime) importable from everywhere and
+importing none of the layers.
 Imports are read from the source with `ast`, including the ones inside functions, so a lazy import cannot
 hide an upward dependency or a cycle; only `if TYPE_CHECKING:` blocks are skipped (never executed).
 """
@@ -17,9 +18,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "unidml"
 
 # Rank of each top-level part: a module may import its own part, any lower rank, and the leaves (parts of
 # the same rank, e.g. losses and evaluation, do not import each other).
-LAYERS = {"launcher": 4, "study": 3, "engine": 2, "models": 1, "losses": 1, "data_pipeline": 1,
+LAYERS = {"launcher": 5, "study": 4, "run_config": 3, "engine": 2, "models": 1, "losses": 1, "data_pipeline": 1,
           "evaluation": 1, "kernels": 0}
-LEAVES = {"config", "errors", "extras", "seeding", "runtime"}
+LEAVES = {"config", "errors", "extras", "registry", "seeding", "runtime"}
 
 
 def module_names() -> list[str]:

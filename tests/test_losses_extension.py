@@ -47,7 +47,7 @@ def example_loss():
                              cross_rank=cross_rank, chunk_rows=chunk_rows)
 
     yield PullPushLoss
-    del LOSSES[NAME]
+    del LOSSES[NAME], LOSSES[NAME + "+xbm"]
 
 
 def dense_oracle(z: Tensor, y: Tensor, margin: float) -> Tensor:
@@ -66,6 +66,14 @@ def test_the_registry_finds_validates_and_builds_it(example_loss):
         validate_loss_params({"name": NAME, "marign": 0.1})
     loss = build_loss_from_config({"name": NAME, "margin": 0.2}, num_classes=5, embedding_dim=8, device="cpu")
     assert isinstance(loss, example_loss) and loss.backend == "tiled" and loss.spec.margin == 0.2
+
+
+def test_its_cross_batch_memory_variant_exists_though_registered_after_xbm(example_loss):
+    import unidml.losses.xbm  # noqa: F401  (imported before the example loss was registered)
+
+    loss = build_loss(NAME, embedding_dim=8, memory={"size": 8}, device="cpu")
+    assert type(loss).__name__ == "PullPushLossWithMemory" and loss.size == 8
+    validate_loss_params({"name": NAME + "+xbm", "margin": 0.1, "memory": {"size": 16}})
 
 
 def test_a_backend_without_kernel_fails_once_at_build(example_loss):

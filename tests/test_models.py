@@ -6,10 +6,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from unidml.config import ConfigError, ModelConfig, load_config
+from unidml.config import ConfigError, ModelConfig
 from unidml.errors import UserError
 from unidml.models import build_model, check_model_config, list_models
 from unidml.models.pooling import AvgPool, GeM
+from unidml.run_config import load_run_config
 
 pytest.importorskip("timm")
 
@@ -85,12 +86,11 @@ def test_unbuildable_models_are_one_line_errors(arch, pooling, fragment):
 
 def test_config_time_model_validation():
     with pytest.raises(ConfigError, match="model.arch: 'googlenet'") as info:
-        load_config("configs/quickstart.yaml", ["model.arch=googlenet"], validate_model=check_model_config)
+        load_run_config("configs/quickstart.yaml", ["model.arch=googlenet"])
     assert "\n" not in str(info.value)
     # An image size the patch grid cannot take is caught before any work, too, naming the patch size.
     with pytest.raises(ConfigError, match="data.image_size: 8 px is smaller than the 16 px"):
-        load_config("configs/quickstart_vit.yaml", ["data.image_size=8", "data.resize_size=8"],
-                    validate_model=check_model_config)
+        load_run_config("configs/quickstart_vit.yaml", ["data.image_size=8", "data.resize_size=8"])
 
 
 @pytest.mark.parametrize("arch, stem, stride", [("resnet18", False, 32), ("resnet18", True, 8),
@@ -105,8 +105,7 @@ def test_images_below_the_backbone_downsampling_are_refused_naming_the_minimum(a
     assert str(info.value).startswith(f"data.image_size: {stride - 1} px is smaller than the {stride} px")
     assert str(info.value).endswith(f"use data.image_size >= {stride}")
     with pytest.raises(ConfigError) as info:
-        load_config("configs/quickstart.yaml", ["data.image_size=1", "data.resize_size=1"],
-                    validate_model=check_model_config)
+        load_run_config("configs/quickstart.yaml", ["data.image_size=1", "data.resize_size=1"])
     assert str(info.value).startswith("override 'data.image_size=1': data.image_size: 1 px")
 
 

@@ -6,9 +6,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from unidml.config import ConfigError, ModelConfig, TrainConfig, load_config
+from unidml.config import ConfigError, ModelConfig, TrainConfig
 from unidml.engine.optim import build_optimizer, build_scheduler, optimizer_groups, warmup_cosine
 from unidml.models import EmbeddingNet, build_model
+from unidml.run_config import load_run_config
 
 
 class ModelAndLoss(nn.Module):
@@ -85,4 +86,4 @@ def test_adamw_and_sgd_step_and_the_schedule_scales_every_group():
 ])
 def test_optimizer_keys_are_validated(override, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        load_config("configs/quickstart.yaml", [override])  # quickstart uses Nesterov SGD
+        load_run_config("configs/quickstart.yaml", [override])  # quickstart uses Nesterov SGD

@@ -8,17 +8,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from unidml.config import load_config_text
 from unidml.data_pipeline import build_dataset
 from unidml.engine.distributed import DistEnv
+from unidml.run_config import load_run_config
 from unidml.study.baselines import RAW_PIXELS, UNTRAINED, as_runs, epoch0_entries, raw_pixel_metrics
 from unidml.study.report import write_report
 from unidml.study.results import LossResult, SeedRow, Usage
 from unidml.study.stats import confidence_interval, indistinguishable, welch_p
 
 CONFIG = """
-data: {dataset: glyphs, root: ROOT, val_classes: 0.0, image_size: 24, resize_size: 24, backend: torchvision,
-       num_workers: 0, synthetic: {classes: 8, per_class: 4, size: 24, seed: 2, test_fraction: 0.5}}
+data: {dataset: glyphs, root: ROOT, val_classes: 0.0, image_size: 32, resize_size: 32, backend: torchvision,
+       num_workers: 0, synthetic: {classes: 8, per_class: 4, size: 32, seed: 2, test_fraction: 0.5}}
 model: {arch: resnet18, pretrained: ""}
 eval: {split: test, ks: [1], metric: euclidean}
 engine: {precision: fp32}
@@ -26,7 +26,7 @@ engine: {precision: fp32}
 
 
 def test_raw_pixels_match_a_numpy_cosine_knn(tmp_path):
-    cfg = load_config_text(CONFIG.replace("ROOT", str(tmp_path / "g")), "test.yaml")
+    cfg = load_run_config(text=CONFIG.replace("ROOT", str(tmp_path / "g")), source="test.yaml")
     found = raw_pixel_metrics([cfg], DistEnv(0, 1, 0, torch.device("cpu")))[0]["test"]
     test = build_dataset(cfg.data).splits["test"]
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])

@@ -163,12 +163,12 @@ def test_pruning_keeps_a_late_bloomer_and_cuts_a_flat_bad_trial(tmp_path, share,
 
 
 def test_a_variant_file_trains_on_its_own_and_an_override_switches_the_optimizer():
-    from unidml.config import load_config
+    from unidml.run_config import load_run_config
 
-    alone = load_config([QUICKSTART, REPO_VARIANTS / "contrastive.yaml"])  # as `unidml train --config A --config B`
+    alone = load_run_config([QUICKSTART, REPO_VARIANTS / "contrastive.yaml"])  # as `unidml train --config A --config B`
     assert (alone.train.optimizer, alone.train.momentum, alone.train.nesterov, alone.train.lr) == ("adamw", 0.0,
                                                                                                    False, 1e-3)
-    switched = load_config(QUICKSTART, ["train.optimizer=adamw"])  # refused while Nesterov leaked, before
+    switched = load_run_config(QUICKSTART, ["train.optimizer=adamw"])  # refused while Nesterov leaked, before
     assert (switched.train.optimizer, switched.train.nesterov) == ("adamw", False)
-    kept = load_config(QUICKSTART, ["train.optimizer=adamw", "train.optimizer=sgd", "train.momentum=0.5"])
+    kept = load_run_config(QUICKSTART, ["train.optimizer=adamw", "train.optimizer=sgd", "train.momentum=0.5"])
     assert (kept.train.momentum, kept.train.nesterov) == (0.5, True)

@@ -7,11 +7,10 @@ import yaml
 from omegaconf import OmegaConf
 from test_data_fixtures import make_cars, make_cub, make_inshop, make_sop
 
-from unidml.config import load_config
 from unidml.config.schema import OPTIMIZER_DEFAULTS
 from unidml.engine.distributed import init_distributed
 from unidml.engine.trainer import Trainer
-from unidml.losses import validate_loss_params
+from unidml.run_config import load_run_config
 from unidml.study.compare import REPO_VARIANTS, plan_study
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -30,7 +29,7 @@ FIXTURES = {"cub": make_cub, "cars": make_cars, "inshop": make_inshop,
 
 @pytest.mark.parametrize("name", list(PAPER))
 def test_recipe_holds_the_authors_settings(name):
-    cfg = load_config(CONFIGS / f"{name}.yaml", validate_loss=validate_loss_params)
+    cfg = load_run_config(CONFIGS / f"{name}.yaml")
     dataset, epochs, lr, momentum, nesterov, resize, jitter, bn1d, ks = PAPER[name]
     assert cfg.data.dataset == dataset and cfg.data.sampler == "random"
     assert (cfg.train.epochs, cfg.train.lr, cfg.train.momentum, cfg.train.nesterov) == (epochs, lr, momentum, nesterov)
@@ -44,8 +43,8 @@ def test_recipe_holds_the_authors_settings(name):
 
 @pytest.mark.parametrize("name", ["sop", "inshop"])
 def test_large_batch_recipe_scales_the_recipe(name):
-    small = load_config(CONFIGS / f"{name}.yaml")
-    large = load_config(CONFIGS / f"{name}_large_batch.yaml", validate_loss=validate_loss_params)
+    small = load_run_config(CONFIGS / f"{name}.yaml")
+    large = load_run_config(CONFIGS / f"{name}_large_batch.yaml")
     assert large.train.batch_size >= 1024 and large.engine.backend == "ddp"
     assert large.train.lr == pytest.approx(small.train.lr * large.train.batch_size / small.train.batch_size)
     assert large.train.warmup_iters > small.train.warmup_iters
@@ -60,7 +59,7 @@ def test_every_loss_variant_validates_on_every_recipe(name, tmp_path):
     assert {"cross_entropy", "contrastive", "triplet", "multi_similarity", "snca", "supcon", "pce"} <= set(losses)
     assert set(losses) <= set(LOSSES)
     plan = plan_study(CONFIGS / f"{name}.yaml", losses, 1, tmp_path)
-    base = load_config(CONFIGS / f"{name}.yaml")
+    base = load_run_config(CONFIGS / f"{name}.yaml")
     base_train, base_model = OmegaConf.to_container(base.train), OmegaConf.to_container(base.model)
     for run in plan:
         variant = yaml.safe_load((REPO_VARIANTS / f"{run.loss}.yaml").read_text())
@@ -83,7 +82,7 @@ def test_recipe_trains_one_step_on_a_fixture_tree(name, tmp_path):
                  "train.batch_size=4", "engine.precision=fp32", "engine.backend=single", "eval.batch_size=8",
                  "data.val_classes=0", "eval.split=test",  # the fixture trees have 2-3 training classes
                  "eval.ks=[1]"]  # and galleries of a few images: the recipes' larger K are refused there
-    cfg = load_config(CONFIGS / f"{name}.yaml", overrides, validate_loss=validate_loss_params)
+    cfg = load_run_config(CONFIGS / f"{name}.yaml", overrides)
     trainer = Trainer(cfg, tmp_path / "run", init_distributed("cpu"))
     result = trainer.fit()
     assert trainer.step >= 1

@@ -5,13 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from unidml.config import load_config
-from unidml.engine.checkpoint import load_for_inference
 from unidml.engine.distributed import init_distributed
 from unidml.engine.trainer import Trainer
 from unidml.errors import UserError
 from unidml.launcher.cli import main
-from unidml.losses import validate_loss_params
+from unidml.run_config import load_for_inference, load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +23,7 @@ def tiny_overrides(data_root: Path) -> list[str]:
 
 
 def make_trainer(run_dir: Path, overrides: list[str]) -> Trainer:
-    cfg = load_config(REPO / "configs" / "quickstart.yaml", overrides, validate_loss=validate_loss_params)
+    cfg = load_run_config(REPO / "configs" / "quickstart.yaml", overrides)
     return Trainer(cfg, run_dir, init_distributed("cpu"))
 
 

@@ -203,12 +203,13 @@ def _run_sections(data: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def load_config_text(text: str, source: str, overrides: Iterable[str] = (),
-                     validate_loss: Callable[[dict[str, Any]], None] | None = None) -> DictConfig:
+                     validate_loss: Callable[[dict[str, Any]], None] | None = None,
+                     validate_model: Callable[[DictConfig, int], object] | None = None) -> DictConfig:
     """Like `load_config` for YAML text already in memory (e.g. the copy a checkpoint carries)."""
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: stored config is not a mapping")
-    return _build([(data, source)], overrides, validate_loss)
+    return _build([(data, source)], overrides, validate_loss, validate_model)
 
 
 def to_yaml(cfg: DictConfig) -> str:

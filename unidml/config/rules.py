@@ -9,16 +9,14 @@ from typing import Any, Callable, Protocol, Union
 from omegaconf import DictConfig, OmegaConf
 
 from unidml.config.schema import AUTO_PRECISION, EVAL_METRICS, MAX_PIXELS_LIMIT, METRICS, PRECISIONS, ConfigError
+from unidml.registry import CONFIG_CHOICES, choices
 
+# Fixed choices; the keys naming a component (data.dataset, data.backend, data.sampler, model.pooling,
+# engine.backend) take a registry's names (`unidml.registry.CONFIG_CHOICES`).
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": ("sop", "inshop", "cub", "cars", "list", "folder", "synthetic", "glyphs"),
-    "data.backend": ("auto", "dali", "torchvision"),
     "data.on_error": ("skip", "fail"),
-    "data.sampler": ("random", "m_per_class"),
     "data.train_resize": ("none", "shorter", "square"),
-    "model.pooling": ("auto", "avg", "gem", "cls"),
     "train.optimizer": ("sgd", "adamw"),
-    "engine.backend": ("single", "ddp", "deepspeed"),
     "engine.precision": (*PRECISIONS, AUTO_PRECISION),
     "engine.device": ("auto", "cpu", "cuda"),
     "eval.metric": METRICS,
@@ -121,10 +119,19 @@ def _check_values(cfg: DictConfig, source: Source) -> None:
                           f"{cfg.data.image_size} (the test transform resizes, then crops image_size)")
 
 
+def _registered_choices() -> list[tuple[str, tuple[str, ...]]]:
+    """(key, accepted names) of the registry-backed keys; their registries must have been filled."""
+    empty = [registry.name for registry, _ in CONFIG_CHOICES.values() if not registry]
+    if empty:
+        raise RuntimeError(f"the {', '.join(empty)} registry is empty: load run configs with "
+                           f"unidml.run_config.load_run_config, which registers every component first")
+    return [(key, choices(key)) for key in CONFIG_CHOICES]
+
+
 def validate(cfg: DictConfig, source: Source = "<config>") -> None:
     """Every rule that needs only the config: choices, ranges and combinations of keys (ConfigError).
     `source` names where the config came from, or is a function of the key giving where its value did."""
-    for key, allowed in CHOICES.items():
+    for key, allowed in (*CHOICES.items(), *_registered_choices()):
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise _fail(source, key, f"'{value}' is not one of {', '.join(allowed)}")
@@ -171,6 +178,13 @@ def _validate_optimizer(cfg: DictConfig, source: Source) -> None:
         raise _fail(source, "model.gem_p", f"must be > 0, got {cfg.model.gem_p}")
 
 
+def per_rank_batch(global_batch_size: int, world_size: int) -> int:
+    """Each rank's share of `train.batch_size`; a global batch the ranks cannot share equally is refused."""
+    if global_batch_size % world_size:
+        raise ConfigError(f"train.batch_size={global_batch_size} is not divisible by the world size {world_size}")
+    return global_batch_size // world_size
+
+
 class RuntimeEnv(Protocol):
     """What `check_runtime` needs to know about this process (`engine.distributed.DistEnv` has it)."""
 
@@ -187,9 +201,7 @@ def check_runtime(cfg: DictConfig, env: RuntimeEnv) -> None:
     backend, world = cfg.engine.backend, env.world_size
     if backend == "deepspeed":
         require("deepspeed", "engine.backend=deepspeed")
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the world size {world}")
-    if cfg.engine.embed_chunks > cfg.train.batch_size // world:
+    if cfg.engine.embed_chunks > per_rank_batch(cfg.train.batch_size, world):
         raise ConfigError(f"engine.embed_chunks={cfg.engine.embed_chunks} exceeds the per-rank batch "
                           f"({cfg.train.batch_size // world} images)")
     if backend == "single" and world > 1:

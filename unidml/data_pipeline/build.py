@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from unidml.config.rules import per_rank_batch
 from unidml.data_pipeline.dataset import DatasetDescription, ImageSet
 from unidml.data_pipeline.images import BadImageLog
 from unidml.data_pipeline.loaders import EvalLoader, TrainLoader, shard_bounds
@@ -16,11 +18,10 @@ from unidml.data_pipeline.splits import carve_validation
 from unidml.data_pipeline.transforms import Recipe
 from unidml.errors import UserError
 from unidml.extras import announce_fallback, installed, require
+from unidml.registry import DATA_BACKENDS, DATASETS
 from unidml.seeding import derived_seed
 
 log = logging.getLogger(__name__)
-# `data.dataset` values generated into `data.root` from `data.synthetic`, and the module generating each
-GENERATED = {"synthetic": "unidml.data_pipeline.synthetic", "glyphs": "unidml.data_pipeline.glyphs"}
 
 
 def build_dataset(data_cfg: Any, seed: int = 0) -> DatasetDescription:
@@ -28,10 +29,12 @@ def build_dataset(data_cfg: Any, seed: int = 0) -> DatasetDescription:
     the optional class-disjoint validation split (`data.val_classes`, chosen by `seed`). What was derived
     (a missing test split, the validation split) is logged, one line each."""
     root = str(data_cfg.root or "")
-    if data_cfg.dataset in GENERATED and root:  # returns at once when `root` already holds these parameters
+    generator = DATASETS.get(str(data_cfg.dataset), None)
+    generator = generator.generator if generator is not None else None
+    if generator and root:  # returns at once when `root` already holds these parameters
         from unidml.data_pipeline.synthetic import generate_dataset, read_marker
 
-        path, generator = Path(root), GENERATED[data_cfg.dataset]
+        path = Path(root)
         if path.is_dir() and any(path.iterdir()) and read_marker(path, generator) is None:
             raise UserError(f"data.root {root}: holds files but no {data_cfg.dataset} dataset (no synthetic.json of "
                             f"that generator); point data.root at a new folder, or set data.dataset for the "
@@ -47,37 +50,63 @@ def build_dataset(data_cfg: Any, seed: int = 0) -> DatasetDescription:
     return dataset
 
 
+@dataclass(frozen=True)
+class DataBackend:
+    """A registered `data.backend`: its factory and the optional package it needs (None: always there)."""
+
+    build: Callable[..., Any]
+    package: str | None = None
+
+
+def _dali(data_cfg: Any, images: ImageSet, labels, recipe: Recipe, *, train: bool, batch_size: int,
+          device: torch.device, seed: int):
+    from unidml.data_pipeline.dali_backend import DaliBackend
+
+    return DaliBackend(images.paths, labels, recipe, train=train, batch_size=batch_size,
+                       num_threads=max(1, int(data_cfg.num_workers)), device=device, seed=seed,
+                       max_pixels=int(data_cfg.max_pixels))
+
+
+def _torchvision(data_cfg: Any, images: ImageSet, labels, recipe: Recipe, *, train: bool, batch_size: int,
+                 device: torch.device, seed: int):
+    from unidml.data_pipeline.torchvision_backend import TorchvisionBackend
+    from unidml.data_pipeline.transforms import torchvision_transform
+
+    return TorchvisionBackend(images.paths, labels, torchvision_transform(recipe, train),
+                              num_workers=int(data_cfg.num_workers), device=device, seed=seed,
+                              decode_device=device if device.type == "cuda" else None, substitute=train,
+                              max_pixels=int(data_cfg.max_pixels))
+
+
+# In order of preference for `data.backend=auto`: the first whose package is installed (DALI is faster on
+# CPU too, see docs/benchmarks.md); the last needs nothing optional.
+DATA_BACKENDS.add("dali", DataBackend(_dali, package="nvidia.dali"))
+DATA_BACKENDS.add("torchvision", DataBackend(_torchvision))
+
+
 def resolve_backend(name: str) -> str:
-    """`auto` → DALI when it is installed (faster on CPU too, see docs/benchmarks.md), else torchvision
-    (said once); an explicit choice is checked."""
-    if name not in ("auto", "dali", "torchvision"):
-        raise UserError(f"data.backend: '{name}' is not one of auto, dali, torchvision")
-    if name == "dali":
-        require("nvidia.dali", "data.backend=dali")
+    """`auto` → the first registered backend whose package is installed (a fallback is said once); an
+    explicit choice is checked."""
     if name != "auto":
+        backend = DATA_BACKENDS.get(name, None)
+        if backend is None:
+            raise UserError(f"data.backend: '{name}' is not one of auto, {', '.join(DATA_BACKENDS.names())}")
+        if backend.package:
+            require(backend.package, f"data.backend={name}")
         return name
-    if installed("nvidia.dali"):
-        return "dali"
-    announce_fallback("nvidia.dali", "the torchvision loader")
-    return "torchvision"
+    usable = [n for n, b in DATA_BACKENDS.items() if b.package is None or installed(b.package)]
+    for skipped, backend in DATA_BACKENDS.items():
+        if skipped == usable[0]:
+            break
+        announce_fallback(backend.package, f"the {usable[0]} loader")
+    return usable[0]
 
 
 def _backend(data_cfg: Any, images: ImageSet, labels, *, train: bool, batch_size: int, device: torch.device,
              seed: int):
-    recipe = Recipe.from_config(data_cfg)
-    workers = int(data_cfg.num_workers)
-    if resolve_backend(str(data_cfg.backend)) == "dali":
-        from unidml.data_pipeline.dali_backend import DaliBackend
-
-        return DaliBackend(images.paths, labels, recipe, train=train, batch_size=batch_size,
-                           num_threads=max(1, workers), device=device, seed=seed,
-                           max_pixels=int(data_cfg.max_pixels))
-    from unidml.data_pipeline.torchvision_backend import TorchvisionBackend
-    from unidml.data_pipeline.transforms import torchvision_transform
-
-    return TorchvisionBackend(images.paths, labels, torchvision_transform(recipe, train), num_workers=workers,
-                              device=device, seed=seed, decode_device=device if device.type == "cuda" else None,
-                              substitute=train, max_pixels=int(data_cfg.max_pixels))
+    backend = DATA_BACKENDS[resolve_backend(str(data_cfg.backend))]
+    return backend.build(data_cfg, images, labels, Recipe.from_config(data_cfg), train=train,
+                         batch_size=batch_size, device=device, seed=seed)
 
 
 def _bad_log(data_cfg: Any, run_dir: Path | None, rank: int) -> BadImageLog:
@@ -88,9 +117,7 @@ def _bad_log(data_cfg: Any, run_dir: Path | None, rank: int) -> BadImageLog:
 def build_train_loader(data_cfg: Any, imageset: ImageSet, *, global_batch_size: int, rank: int, world_size: int,
                        seed: int, run_dir: Path | None, device: torch.device) -> TrainLoader:
     """Per-rank training loader (batch = global_batch_size // world_size, contiguous labels)."""
-    if global_batch_size % world_size:
-        raise UserError(f"train.batch_size={global_batch_size} is not divisible by the world size {world_size}")
-    batch_size = global_batch_size // world_size
+    batch_size = per_rank_batch(global_batch_size, world_size)
     labels = imageset.contiguous_labels()
     sampler = build_sampler(str(data_cfg.sampler), labels, batch_size=batch_size, rank=rank,
                             world_size=world_size, seed=seed, m_per_class=int(data_cfg.m_per_class))

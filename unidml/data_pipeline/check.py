@@ -27,6 +27,7 @@ from unidml.data_pipeline.dataset import DatasetDescription
 from unidml.data_pipeline.images import DEFAULT_MAX_PIXELS, BadImage, check_size
 from unidml.data_pipeline.readers import collecting_escapes, read_dataset
 from unidml.errors import UserError
+from unidml.registry import DATASETS
 
 PROGRESS_FROM = 1000  # show a progress bar from this many images on
 LISTED_CLASSES = 5  # class ids named per split in a "no relevant reference" problem
@@ -37,10 +38,6 @@ STRICT = frozenset({"missing", "zero_byte", "unreadable", "too_large", "duplicat
 STATUS_WORDS = {"missing": "missing", "zero_byte": "empty", "unreadable": "unreadable", "too_large": "too large",
                 "duplicate": "indexed twice", "duplicate_id": "duplicate ids",
                 "empty_class": "class folders without images"}
-# Index files whose first column is an image id that must be unique (per layout).
-ID_FILES = {"sop": ("Ebay_train.txt", "Ebay_test.txt"), "synthetic": ("Ebay_train.txt", "Ebay_test.txt"),
-            "glyphs": ("Ebay_train.txt", "Ebay_test.txt"),
-            "cub": ("images.txt",)}
 
 
 @dataclass
@@ -138,7 +135,7 @@ def duplicate_ids(kind: str, root: Path | None) -> list[Problem]:
     """One problem per image id used on more than one line of the layout's index files."""
     seen: dict[str, str] = {}
     problems = []
-    for name in ID_FILES.get(kind, ()) if root is not None else ():
+    for name in DATASETS.get(kind).id_files if root is not None else ():
         index = root / name
         with open(index, encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):

@@ -12,6 +12,7 @@ import csv
 import os
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,8 +20,10 @@ import numpy as np
 
 from unidml.data_pipeline.dataset import DatasetDescription, ImageSet
 from unidml.errors import UserError
+from unidml.registry import DATASETS
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Every image file the product reads (folder datasets, `unidml embed` and `unidml search` folders).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 CUB_TRAIN_CLASSES = 100  # classes 0..99 train, 100..199 test
 CARS_TRAIN_CLASSES = 98  # classes 0..97 train, 98..195 test
 SELF_RETRIEVAL = {"test": ("test", None)}
@@ -329,31 +332,58 @@ def read_folder(root: Path) -> DatasetDescription:
     return _description("folder", root, {s: sets[s] for s in SPLIT_NAMES if s in sets}, str(root))
 
 
-# `data.dataset` values and what each reads (for `unidml list datasets`).
-DATASETS: dict[str, str] = {
-    "sop": "Stanford Online Products: Ebay_train.txt, Ebay_test.txt under data.root",
-    "inshop": "In-Shop Clothes Retrieval: list_eval_partition.txt (query against gallery)",
-    "cub": "CUB-200-2011: images.txt, images/ (classes 1-100 train, 101-200 test)",
-    "cars": "Cars196: cars_annos.mat, car_ims/ (classes 1-98 train, 99-196 test)",
-    "list": "your images in a CSV/TSV list, `path,label[,split]` per row (configs/list.yaml)",
-    "folder": "your images in class folders, root/<class>/ or root/{train,val,test}/<class>/ (configs/folder.yaml)",
-    "synthetic": "the built-in synthetic dataset (SOP layout), generated into data.root on first use",
-    "glyphs": "the built-in stroke-figure dataset (SOP layout, class in the geometry, colour a nuisance), "
-              "generated into data.root on first use",
-}
+@dataclass(frozen=True)
+class DatasetReader:
+    """How one `data.dataset` value is read: `read(root, list_file)`, a line for `unidml list datasets`,
+    and for a built-in dataset the module generating it into `data.root` on first use."""
+
+    read: Callable[[Path | None, str], DatasetDescription]
+    description: str
+    needs_root: bool = True
+    generator: str | None = None
+    id_files: tuple[str, ...] = ()  # index files whose first column is an image id that must be unique
+
+
+def _sop_layout(name: str) -> Callable[[Path | None, str], DatasetDescription]:
+    return lambda root, _list_file: read_sop(root, name=name)
+
+
+SOP_INDEX = ("Ebay_train.txt", "Ebay_test.txt")
+
+
+def _root_only(reader: Callable[[Path], DatasetDescription]) -> Callable[[Path | None, str], DatasetDescription]:
+    return lambda root, _list_file: reader(root)
+
+
+for _name, _reader in (
+    ("sop", DatasetReader(_sop_layout("sop"), "Stanford Online Products: Ebay_train.txt, Ebay_test.txt under "
+                                              "data.root", id_files=SOP_INDEX)),
+    ("inshop", DatasetReader(_root_only(read_inshop), "In-Shop Clothes Retrieval: list_eval_partition.txt (query "
+                                                      "against gallery)")),
+    ("cub", DatasetReader(_root_only(read_cub), "CUB-200-2011: images.txt, images/ (classes 1-100 train, 101-200 "
+                                                "test)", id_files=("images.txt",))),
+    ("cars", DatasetReader(_root_only(read_cars), "Cars196: cars_annos.mat, car_ims/ (classes 1-98 train, 99-196 "
+                                                  "test)")),
+    ("list", DatasetReader(read_list, "your images in a CSV/TSV list, `path,label[,split]` per row "
+                                      "(configs/list.yaml)", needs_root=False)),
+    ("folder", DatasetReader(_root_only(read_folder), "your images in class folders, root/<class>/ or "
+                                                      "root/{train,val,test}/<class>/ (configs/folder.yaml)")),
+    ("synthetic", DatasetReader(_sop_layout("synthetic"), "the built-in synthetic dataset (SOP layout), "
+                                "generated into data.root on first use", generator="unidml.data_pipeline.synthetic",
+                                id_files=SOP_INDEX)),
+    ("glyphs", DatasetReader(_sop_layout("glyphs"), "the built-in stroke-figure dataset (SOP layout, class in "
+                             "the geometry, colour a nuisance), generated into data.root on first use",
+                             generator="unidml.data_pipeline.glyphs", id_files=SOP_INDEX)),
+):
+    DATASETS.add(_name, _reader)
 
 
 def read_dataset(kind: str, root: Path | str | None, list_file: str = "") -> DatasetDescription:
-    """Dispatch on `data.dataset` (synthetic data is in the SOP layout). Only a list may go without a
-    root (`None` or empty)."""
+    """Read the registered dataset `kind` under `root`. Only a list may go without a root (`None` or empty)."""
+    if kind not in DATASETS:
+        raise UserError(f"data.dataset: unknown dataset '{kind}' (known: {', '.join(DATASETS.names())})")
+    reader = DATASETS[kind]
     root = Path(os.path.abspath(root)) if root not in (None, "") else None
-    if kind == "list":
-        return read_list(root, list_file)
-    if root is None:
+    if root is None and reader.needs_root:
         raise UserError(f"data.root: required for data.dataset={kind} (only a list file may go without one)")
-    if kind in ("sop", "synthetic", "glyphs"):
-        return read_sop(root, name=kind)
-    readers = {"inshop": read_inshop, "cub": read_cub, "cars": read_cars, "folder": read_folder}
-    if kind not in readers:
-        raise UserError(f"data.dataset: unknown dataset '{kind}'")
-    return readers[kind](root)
+    return reader.read(root, list_file)

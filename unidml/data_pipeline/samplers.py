@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from unidml.errors import UserError
+from unidml.registry import SAMPLERS
 
 
 class DistributedBatchSampler:
@@ -150,11 +151,15 @@ class MPerClassBatchSampler(DistributedBatchSampler):
         return np.stack(batches)
 
 
+SAMPLERS.add("random", lambda labels, batch_size, rank, world_size, seed, m_per_class:
+             RandomBatchSampler(labels, batch_size, rank, world_size, seed))
+SAMPLERS.add("m_per_class", lambda labels, batch_size, rank, world_size, seed, m_per_class:
+             MPerClassBatchSampler(labels, batch_size, rank, world_size, seed, m_per_class))
+
+
 def build_sampler(kind: str, labels: np.ndarray, *, batch_size: int, rank: int, world_size: int, seed: int,
                   m_per_class: int) -> DistributedBatchSampler:
-    """The training sampler named by `data.sampler`."""
-    if kind == "random":
-        return RandomBatchSampler(labels, batch_size, rank, world_size, seed)
-    if kind == "m_per_class":
-        return MPerClassBatchSampler(labels, batch_size, rank, world_size, seed, m_per_class)
-    raise UserError(f"data.sampler: unknown sampler '{kind}' (random | m_per_class)")
+    """The training sampler registered as `data.sampler` = `kind`."""
+    if kind not in SAMPLERS:
+        raise UserError(f"data.sampler: unknown sampler '{kind}' (known: {', '.join(SAMPLERS.names())})")
+    return SAMPLERS[kind](labels, batch_size, rank, world_size, seed, m_per_class)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from unidml.engine import faults
@@ -306,20 +307,14 @@ def load_source(source: Path, quarantine: bool = False) -> tuple[dict[str, Any],
     return load(source), source
 
 
-def stored_config(state: Mapping[str, Any], path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """The run config a checkpoint carries (with `overrides`); one line when it is missing or unusable."""
-    from unidml.config import ConfigError, load_config_text
-
+def stored_config_text(state: Mapping[str, Any], path: str | Path) -> str:
+    """The YAML run config a checkpoint carries; one line when it has none (`unidml.run_config.stored_run_config`
+    loads and checks it)."""
     text = state.get("config")
     if not isinstance(text, str) or not text.strip():
         raise CheckpointError(f"{path}: the checkpoint carries no run config (key 'config'); "
                               f"it was not written by `unidml train`")
-    try:
-        return load_config_text(text, source=f"{path} (stored config)", overrides=overrides)
-    except ConfigError:
-        raise
-    except Exception as exc:  # YAML syntax errors and the like in a hand-edited checkpoint
-        raise CheckpointError(f"{path}: the stored run config is unreadable ({type(exc).__name__})") from None
+    return text
 
 
 def describe_mismatch(expected: Mapping[str, torch.Tensor], stored: Mapping[str, Any]) -> str:
@@ -366,9 +361,11 @@ LOSS_KEYS = ("loss.name", "data.dataset", "data.root", "data.list_file", "data.v
 
 
 def _hint(state: Mapping[str, Any], path: str | Path, current: DictConfig, keys: Sequence[str]) -> str:
+    """What the checkpoint's stored config sets differently among `keys` ("" when it cannot be read)."""
     try:
-        return config_difference(stored_config(state, path), current, keys)
-    except UserError:
+        stored = yaml.safe_load(stored_config_text(state, path))
+        return config_difference(OmegaConf.create(stored), current, keys) if isinstance(stored, dict) else ""
+    except (UserError, yaml.YAMLError):
         return ""
 
 
@@ -388,26 +385,3 @@ def load_optimizer_state(optimizer: Any, stored: Any, path: str | Path) -> None:
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: the checkpoint's optimizer state does not fit this run "
                               f"({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})") from None
-
-
-def load_for_inference(checkpoint_path: str | Path, overrides: Sequence[str] = ()
-                       ) -> tuple[torch.nn.Module, DictConfig]:
-    """The checkpoint's embedding network in eval mode and its run config (with `overrides` applied)."""
-    from unidml.models import build_model
-    from unidml.runtime.device import device_type
-    from unidml.runtime.memory_format import channels_last
-
-    state = load(checkpoint_path)
-    cfg = stored_config(state, checkpoint_path, overrides)
-    model_cfg = OmegaConf.merge(cfg.model, {"pretrained": ""})  # the checkpoint carries the weights
-    model = build_model(model_cfg, image_size=int(cfg.data.image_size))
-    hint = config_difference(stored_config(state, checkpoint_path), cfg,
-                             ("model.arch", "model.embedding_dim", "model.small_input_stem"))
-    load_module_state(model, state.get("model"), checkpoint_path, "model",
-                      hint or "the stored config does not describe the stored weights")
-    device = device_type(str(cfg.engine.device))  # where the commands that load it compute
-    if channels_last(cfg.engine.channels_last, device, cfg.engine.backend, model).weights:
-        # The memory format the run trained and evaluated in (see Trainer): another one changes low-precision
-        # rounding, and with it near-tied neighbours, so evaluation would not reproduce the run's figures.
-        model = model.to(memory_format=torch.channels_last)
-    return model.eval(), cfg

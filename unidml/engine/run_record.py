@@ -17,12 +17,9 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import matplotlib
+from matplotlib.figure import Figure  # drawn without pyplot: no GUI backend is chosen or needed
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-
-from unidml.errors import UserError  # noqa: E402
+from unidml.errors import UserError
 
 
 def write_atomic(write: Callable[[Path], None], path: Path) -> None:
@@ -127,7 +124,8 @@ class RunRecord:
             return
         epochs = [entry["epoch"] for entry in self.history]
         ks = sorted({int(k.split("@")[1]) for entry in self.history for k in entry if k.startswith("recall@")})
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
         for k in ks:
             values = [entry.get(f"recall@{k}", float("nan")) for entry in self.history]
             ax.plot(epochs, values, marker="o", label=f"R@{k}")
@@ -138,11 +136,7 @@ class RunRecord:
         ax.legend()
         fig.tight_layout()
         (self.run_dir / "plots").mkdir(exist_ok=True)
-        try:
-            write_atomic(lambda tmp: fig.savefig(tmp, dpi=100, format="png"),
-                         self.run_dir / "plots" / "recall_at_k.png")
-        finally:
-            plt.close(fig)
+        write_atomic(lambda tmp: fig.savefig(tmp, dpi=100, format="png"), self.run_dir / "plots" / "recall_at_k.png")
 
     def close(self) -> None:
         self.flush()

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from unidml.config import ConfigError
+from unidml.registry import LOSSES
 
-LOSSES: dict[str, type[nn.Module]] = {}
 ENGINE_PARAMS = ("num_classes", "embedding_dim", "device")
 # Config validation builds the loss on stand-in sizes on the meta device: values are checked, and the
 # backend only as far as it does not depend on the device the run will get (docs/design.md, "Losses").
@@ -23,20 +23,30 @@ DRY_RUN = {"num_classes": 2, "embedding_dim": 2, "device": torch.device("meta")}
 T = TypeVar("T", bound=type[nn.Module])
 
 
+_on_register: list[Callable[[str, type], None]] = []
+
+
 def register_loss(name: str) -> Callable[[T], T]:
-    """Class decorator adding a loss to `LOSSES` under `name`."""
+    """Class decorator adding a loss to `unidml.registry.LOSSES` under `name` (and its derived variants,
+    see `on_register`)."""
     def add(cls: T) -> T:
-        if name in LOSSES:
-            raise ValueError(f"loss '{name}' registered twice")
-        LOSSES[name] = cls
+        LOSSES.add(name, cls)
+        for hook in _on_register:
+            hook(name, cls)
         return cls
     return add
 
 
+def on_register(hook: Callable[[str, type], None]) -> None:
+    """Call `hook(name, cls)` for every loss registered so far and every later one, so a derived variant
+    (`<loss>+xbm`) exists for each loss whatever the import order."""
+    _on_register.append(hook)
+    for name, cls in list(LOSSES.items()):
+        hook(name, cls)
+
+
 def _loss_class(name: str) -> type[nn.Module]:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss '{name}' (known: {', '.join(sorted(LOSSES))})")
-    return LOSSES[name]
+    return LOSSES.get(name)
 
 
 def memory_variant(name: str, params: dict[str, Any]) -> str:

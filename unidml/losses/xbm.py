@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from unidml.losses.base import DecomposedLoss, LossInputs, PairwiseLoss
-from unidml.losses.registry import LOSSES, register_loss
+from unidml.losses.registry import on_register, register_loss
 from unidml.runtime.collectives import rank, world_size
 
 SUFFIX = "+xbm"
@@ -129,6 +129,9 @@ def _variant(name: str, inner: type[PairwiseLoss]) -> type[CrossBatchMemoryLoss]
     return Variant
 
 
-for _name, _cls in list(LOSSES.items()):
-    if isinstance(_cls, type) and issubclass(_cls, PairwiseLoss) and SUFFIX not in _name:
-        register_loss(_name + SUFFIX)(_variant(_name, _cls))
+def _add_variant(name: str, cls: type) -> None:
+    if isinstance(cls, type) and issubclass(cls, PairwiseLoss) and SUFFIX not in name:
+        register_loss(name + SUFFIX)(_variant(name, cls))
+
+
+on_register(_add_variant)

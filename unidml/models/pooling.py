@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from unidml.errors import UserError
+from unidml.registry import POOLINGS
 
-POOLINGS = ("auto", "avg", "gem", "cls")
 OUTPUTS = ("pooled", "maps", "tokens")
 
 
@@ -55,16 +55,29 @@ class ClsToken(nn.Module):
         return features[:, 0]
 
 
+@POOLINGS.register("avg")
+def _average(output: str, num_prefix_tokens: int, gem_p: float) -> nn.Module:
+    return AvgPool(num_prefix_tokens if output == "tokens" else 0)
+
+
+@POOLINGS.register("gem")
+def _generalised_mean(output: str, num_prefix_tokens: int, gem_p: float) -> nn.Module | None:
+    return GeM(gem_p) if output == "maps" else None
+
+
+@POOLINGS.register("cls")
+def _class_token(output: str, num_prefix_tokens: int, gem_p: float) -> nn.Module | None:
+    return ClsToken() if output == "tokens" and num_prefix_tokens > 0 else None
+
+
 def build_pooling(pooling: str, output: str, arch: str, num_prefix_tokens: int = 0, gem_p: float = 3.0) -> nn.Module:
-    """The pooling module for a backbone whose output kind is `output` (pooled | maps | tokens)."""
+    """The pooling module for a backbone whose output kind is `output` (pooled | maps | tokens); a
+    registered pooling returns None where it does not apply to that output."""
     if output == "pooled":
         return nn.Identity()
-    if pooling in ("auto", "avg"):
-        return AvgPool(num_prefix_tokens if output == "tokens" else 0)
-    if pooling == "gem" and output == "maps":
-        return GeM(gem_p)
-    if pooling == "cls" and output == "tokens" and num_prefix_tokens > 0:
-        return ClsToken()
+    module = POOLINGS.get("avg" if pooling == "auto" else pooling)(output, num_prefix_tokens, gem_p)
+    if module is not None:
+        return module
     kind = {"maps": "feature maps", "tokens": f"tokens ({num_prefix_tokens} prefix tokens)"}[output]
     raise UserError(f"model.pooling: '{pooling}' does not apply to '{arch}', whose backbone outputs {kind} "
                     f"(gem needs feature maps, cls a class token)")

@@ -24,6 +24,7 @@ from torch import nn
 from unidml.errors import UserError
 from unidml.models.embedding_net import EmbeddingNet
 from unidml.models.pooling import build_pooling
+from unidml.registry import BACKBONE_FAMILIES
 
 FAMILY_MODULES = ("unidml.models.torchvision_backbones", "unidml.models.timm_backbones")
 
@@ -51,13 +52,11 @@ class Family(Protocol):
     def build(self, name: str, model_cfg: DictConfig, image_size: int, load_weights: bool) -> Backbone: ...
 
 
-_FAMILIES: dict[str, Family] = {}
-
-
 def register_family(prefix: str) -> Callable[[type], type]:
-    """Class decorator: register a backbone family for arch names starting with `prefix`."""
+    """Class decorator: register a backbone family (an instance of the class) for arch names starting with
+    `prefix`, in `unidml.registry.BACKBONE_FAMILIES`."""
     def decorate(cls: type) -> type:
-        _FAMILIES[prefix] = cls()
+        BACKBONE_FAMILIES.add(prefix, cls())
         return cls
     return decorate
 
@@ -66,7 +65,7 @@ def families() -> dict[str, Family]:
     """The registered families (the built-in ones are imported on first use)."""
     for module in FAMILY_MODULES:
         importlib.import_module(module)
-    return _FAMILIES
+    return dict(BACKBONE_FAMILIES.items())
 
 
 def resolve_arch(arch: str) -> tuple[Family, str]:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import yaml
 from omegaconf import DictConfig
 
-from unidml.config import STUDY_SECTION, load_config_text, to_yaml
+from unidml.config import STUDY_SECTION, to_yaml
 from unidml.errors import UserError
 from unidml.runtime.precision import precision_of, settle_precision
 from unidml.study.recipe import recipe_train, with_optimizer
@@ -46,7 +46,8 @@ class LossPlan:
 
     def config(self, seed: int, values: dict[str, Any] | None = None, epochs: int | None = None) -> DictConfig:
         """The validated config of one run: mapping + searched `values` + overrides + seed (resuming)."""
-        from unidml.losses import loss_parameters, validate_loss_params
+        from unidml.losses import loss_parameters
+        from unidml.run_config import load_run_config
 
         forced = [f"train.seed={seed}", "train.resume=auto"] + ([f"train.epochs={epochs}"] if epochs else [])
         if self.cross_rank and "cross_rank" in loss_parameters(self.loss):
@@ -54,7 +55,7 @@ class LossPlan:
         values = values or {}
         mapping = with_optimizer(self.mapping, values.get("train.optimizer"), self.source)
         text = yaml.safe_dump(with_values(mapping, values), sort_keys=False)
-        return load_config_text(text, self.source, [*self.overrides, *forced], validate_loss=validate_loss_params)
+        return load_run_config(text=text, source=self.source, overrides=[*self.overrides, *forced])
 
 
 @dataclass(frozen=True)

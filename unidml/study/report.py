@@ -18,14 +18,11 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+from matplotlib.figure import Figure  # drawn without pyplot: no GUI backend is chosen or needed
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from unidml.study.results import LossResult, Usage  # noqa: E402
-from unidml.study.stats import LEVEL, confidence_interval, indistinguishable  # noqa: E402
+from unidml.study.results import LossResult, Usage
+from unidml.study.stats import LEVEL, confidence_interval, indistinguishable
 
 MI_KEYS = ("mi_knn", "mi_classifier")
 TERMS = ("tightness", "contrast")
@@ -277,7 +274,6 @@ def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
     return path
 
@@ -286,7 +282,8 @@ def plot_recall_curves(rows: list[dict[str, Any]], metrics: dict[str, list[dict]
     """Recall@K against K at the selected epoch, mean ± std over seeds, one line per loss."""
     recalls = [k for k in metric_columns(metrics) if k.startswith("recall@")]
     ks = [int(k.split("@")[1]) for k in recalls]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for row in rows:
         means = [row[f"{split} {k}"][0] for k in recalls]
         stds = [row[f"{split} {k}"][1] for k in recalls]
@@ -302,7 +299,8 @@ def plot_recall_curves(rows: list[dict[str, Any]], metrics: dict[str, list[dict]
 
 def plot_training_curves(metrics: dict[str, list[dict]], splits: Sequence[str], path: Path) -> Path:
     """Training loss and Recall@1 of every evaluated split per epoch (means over seeds)."""
-    fig, axes = plt.subplots(1, 1 + len(splits), figsize=(5 * (1 + len(splits)), 4))
+    fig = Figure(figsize=(5 * (1 + len(splits)), 4))
+    axes = fig.subplots(1, 1 + len(splits))
     for loss, runs in metrics.items():
         axes[0].plot(*_epoch_means(runs, lambda e: e.get("train_loss")), marker=".", label=loss)
         for ax, split in zip(axes[1:], splits):
@@ -323,7 +321,8 @@ def plot_terms(metrics: dict[str, list[dict]], path: Path) -> Path:
     losses = list(metrics)
     cols = min(3, max(1, len(losses)))
     rows = -(-len(losses) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+    fig = Figure(figsize=(4.5 * cols, 3.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, loss in zip(axes.flat, losses):
         for term in TERMS:
             ax.plot(*_epoch_means(metrics[loss], lambda e, t=term: e.get(t)), marker=".", label=term)
@@ -338,7 +337,8 @@ def plot_terms(metrics: dict[str, list[dict]], path: Path) -> Path:
 
 def plot_information(metrics: dict[str, list[dict]], path: Path) -> Path:
     """The MI lower estimates over training: soft-NN (solid, any loss) and classifier (dashed, CE)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for loss, runs in metrics.items():
         line = ax.plot(*_epoch_means(runs, lambda e: e.get("mi_knn")), marker=".", label=f"{loss} soft-NN")[0]
         epochs, values = _epoch_means(runs, lambda e: e.get("mi_classifier"))
@@ -364,7 +364,8 @@ def best_so_far(values: Sequence[float | None]) -> list[float]:
 def plot_tuning(results: Sequence[LossResult], objective: str, path: Path) -> Path:
     """Best-so-far validation score against trial number per loss (line), every trial as a marker:
     dot completed, cross pruned (at its last reported score), x at the bottom failed."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     low = min([t.value for r in results for t in r.trials if t.value is not None] or [0.0])  # where failures sit
     for r in results:
         slots = [t.slot for t in r.trials]

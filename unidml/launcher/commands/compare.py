@@ -56,12 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _study_overrides(args: argparse.Namespace) -> tuple[list[str], str]:
     """Validation split and selection protocol first, so that the user's --set can still override them."""
-    from unidml.config import load_config
     from unidml.errors import UserError
+    from unidml.run_config import load_run_config
 
     val = args.val_classes
     if val is None:
-        val = float(load_config(args.config).data.val_classes) or 0.2
+        val = float(load_run_config(args.config).data.val_classes) or 0.2
     select = args.select if val > 0 else "test"
     if args.trials and select != "val":
         raise UserError("--trials: tuning needs the validation split (--val-classes > 0 and --select val)")
@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
     from unidml.extras import require
 
     require("optuna", "unidml compare")  # the study database and the tuner
-    from unidml.config import load_config
     from unidml.engine.distributed import init_distributed, shutdown
     from unidml.launcher.logs import setup_logging
+    from unidml.run_config import load_run_config
     from unidml.study.baselines import RAW_PIXELS, UNTRAINED, as_runs, epoch0_entries, raw_pixel_metrics
     from unidml.study.compare import describe, parse_losses, plan_losses
     from unidml.study.report import write_report
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     losses = parse_losses(args.losses)
     out = Path(args.out or Path("runs") / f"compare_{Path(args.config).stem}")
     overrides, select = _study_overrides(args)
-    base = load_config(args.config, overrides)
+    base = load_run_config(args.config, overrides)
     env = init_distributed(base.engine.device)
     setup_logging(env.rank)
     settings = StudySettings(out=out, trials=args.trials, seeds=args.seeds, trial_epochs=args.trial_epochs,

@@ -16,11 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unidml.config import load_config, to_yaml
-    from unidml.losses import validate_loss_params
-    from unidml.models import check_model_config
+    from unidml.config import to_yaml
+    from unidml.run_config import load_run_config
 
-    cfg = load_config(args.config or None, list(args.overrides), validate_loss=validate_loss_params,
-                      validate_model=check_model_config)
+    cfg = load_run_config(args.config or None, list(args.overrides))
     print(to_yaml(cfg), end="")
     return 0

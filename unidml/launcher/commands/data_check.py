@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 
-DATASETS = ("sop", "inshop", "cub", "cars", "list", "folder")
+from unidml.data_pipeline import readers as _readers  # noqa: F401  (registers the dataset readers)
+from unidml.registry import DATASETS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout")
+    parser.add_argument("--dataset", required=True, choices=DATASETS.names(), help="dataset layout")
     parser.add_argument("--root", default="", help="dataset root folder (optional for --dataset list: without it "
                                                      "a list may hold absolute paths anywhere)")
     parser.add_argument("--list-file", default="", help="for --dataset list: the CSV/TSV file (relative to --root "

@@ -27,9 +27,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from unidml.data_pipeline.readers import IMAGE_EXTENSIONS
 from unidml.errors import UserError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +99,7 @@ def read_table(tsv: Path) -> tuple[list[str], np.ndarray]:
 # ------------------------------------------------------------------------------------------ inputs
 def images_from_folder(folder: Path) -> tuple[list[str], list[int]]:
     """Every image below `folder` (sorted); label = index of its first-level sub-folder, -1 at the top."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     classes = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})
     index = {name: i for i, name in enumerate(classes)}
     labels = [index[p.relative_to(folder).parts[0]] if len(p.relative_to(folder).parts) > 1 else -1 for p in files]
@@ -142,7 +141,7 @@ def input_images(args: argparse.Namespace, cfg: Any) -> tuple[list[str], np.ndar
     else:
         raise UserError(f"--images {args.images}: neither a folder nor a list file")
     if not paths:
-        raise UserError(f"--images {args.images}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise UserError(f"--images {args.images}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     return paths, np.asarray(labels, np.int64), str(source.resolve())
 
 
@@ -205,10 +204,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from unidml.data_pipeline.dataset import ImageSet
-    from unidml.engine.checkpoint import load_for_inference
     from unidml.engine.distributed import init_distributed, shutdown
     from unidml.engine.evaluator import eval_loader
     from unidml.evaluation import extract_embeddings
+    from unidml.run_config import load_for_inference
     from unidml.runtime.collectives import barrier
     from unidml.runtime.precision import precision_of
 

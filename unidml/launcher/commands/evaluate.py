@@ -41,15 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _checkpoint_config(args: argparse.Namespace):
     """The model from the checkpoint; the settings from --config when given, else the checkpoint's."""
-    from unidml.config import load_config
-    from unidml.engine.checkpoint import load_for_inference
+    from unidml.run_config import load_for_inference, load_run_config
 
     overrides = list(args.overrides)
     overrides += [f"eval.ks=[{','.join(str(k) for k in args.ks)}]"] if args.ks else []
     overrides += [f"eval.metric={args.metric}"] if args.metric else []
     model, cfg = load_for_inference(args.checkpoint, overrides)
     if args.config:
-        cfg = load_config(args.config, overrides)
+        cfg = load_run_config(args.config, overrides)
     return model, cfg
 
 

@@ -128,7 +128,7 @@ def verify(model: Any, run_exported: Callable[[np.ndarray], np.ndarray], batch: 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from unidml.engine.checkpoint import load_for_inference
+    from unidml.run_config import load_for_inference
 
     if args.num_images < 2:
         raise UserError(f"--num-images must be >= 2 (two batch sizes are verified), got {args.num_images}")

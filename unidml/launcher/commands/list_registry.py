@@ -35,9 +35,11 @@ def losses() -> list[str]:
 
 def datasets() -> list[str]:
     """`data.dataset` values and the layout each reads."""
-    from unidml.data_pipeline.readers import DATASETS
+    from unidml.registry import DATASETS
+    from unidml.run_config import register_components
 
-    return [f"{name:<22}{description}" for name, description in DATASETS.items()]
+    register_components()
+    return [f"{name:<22}{reader.description}" for name, reader in DATASETS.items()]
 
 
 def run(args: argparse.Namespace) -> int:

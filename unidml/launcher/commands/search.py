@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a unidml checkpoint (e.g. RUN/checkpoints/best.pt)")
@@ -33,14 +31,15 @@ def gallery_from_directory(directory: str):
     import numpy as np
 
     from unidml.data_pipeline.dataset import ImageSet
+    from unidml.data_pipeline.readers import IMAGE_EXTENSIONS
     from unidml.errors import UserError
 
     root = Path(directory)
     if not root.is_dir():
         raise UserError(f"--gallery {directory}: not a directory")
-    paths = sorted(str(p.resolve()) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = sorted(str(p.resolve()) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not paths:
-        raise UserError(f"--gallery {directory}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise UserError(f"--gallery {directory}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return ImageSet("gallery", tuple(paths), np.zeros(len(paths), np.int64))
 
 
@@ -90,11 +89,11 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from unidml.data_pipeline.dataset import ImageSet
-    from unidml.engine.checkpoint import load_for_inference
     from unidml.engine.evaluator import embed_images
     from unidml.errors import UserError
     from unidml.evaluation import sharded_knn
     from unidml.evaluation.contact_sheet import Hit, write_contact_sheet
+    from unidml.run_config import load_for_inference
     from unidml.runtime.device import choose_device
 
     query_path = Path(args.query)

@@ -52,17 +52,15 @@ def final_line(run_dir: Path, best: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from unidml.config import load_config
     from unidml.engine.distributed import init_distributed, shutdown
     from unidml.engine.trainer import Trainer
     from unidml.launcher.logs import setup_logging
-    from unidml.losses import validate_loss_params
-    from unidml.models import check_model_config
+    from unidml.run_config import load_run_config
 
     overrides = list(args.overrides)
     if args.deepspeed:
         overrides += ["engine.backend=deepspeed", f"engine.deepspeed_config={args.deepspeed}"]
-    cfg = load_config(args.config, overrides, validate_loss=validate_loss_params, validate_model=check_model_config)
+    cfg = load_run_config(args.config, overrides)
     local_rank = args.local_rank if args.local_rank is not None else getattr(args, "launcher_local_rank", None)
     env = init_distributed(cfg.engine.device, local_rank)
     setup_logging(env.rank)

@@ -6,6 +6,12 @@ from pathlib import Path
 
 import torch
 
+# A run small enough for command tests on a CPU: 6 synthetic classes of 32 x 32 images, an untrained ResNet-18.
+TINY_RUN = ["data.synthetic.classes=6", "data.synthetic.per_class=5", "data.synthetic.size=32",
+            "data.image_size=32", "data.resize_size=32", "data.num_workers=0", "data.backend=torchvision",
+            "model.arch=resnet18", "model.pretrained=''", "eval.ks=[1,2,4]", "eval.batch_size=4",
+            "engine.precision=fp32", "engine.device=cpu", "data.val_classes=0", "eval.split=test"]
+
 
 def command(module, argv: list[str]) -> int:
     """Exit code of subcommand `module` (a `unidml.launcher.commands` module) run on `argv`."""

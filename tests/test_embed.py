@@ -9,20 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from command_helpers import command, write_untrained_checkpoint
+from command_helpers import TINY_RUN, command, write_untrained_checkpoint
 
 from unidml.errors import UserError
+from unidml.evaluation.embedding_files import read_embeddings
 from unidml.launcher.commands import embed, evaluate, index, search
-
-OVERRIDES = ["data.synthetic.classes=6", "data.synthetic.per_class=5", "data.synthetic.size=32",
-             "data.image_size=32", "data.resize_size=32", "data.num_workers=0", "data.backend=torchvision",
-             "model.arch=resnet18", "model.pretrained=''", "eval.ks=[1,2,4]", "eval.batch_size=4",
-             "engine.precision=fp32", "engine.device=cpu", "data.val_classes=0", "eval.split=test"]
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return write_untrained_checkpoint(tmp_path_factory.mktemp("embed_cmd"), OVERRIDES)
+    return write_untrained_checkpoint(tmp_path_factory.mktemp("embed_cmd"), TINY_RUN)
 
 
 def test_embed_split_matches_the_checkpoint_evaluation(checkpoint, tmp_path, capsys):
@@ -30,7 +26,7 @@ def test_embed_split_matches_the_checkpoint_evaluation(checkpoint, tmp_path, cap
     # Chunks of 8 = two eval batches of 4: the same batches as one pass, so the same vectors.
     assert command(embed, ["--checkpoint", str(checkpoint), "--split", "test", "--out", str(out),
                            "--chunk-size", "8"]) == 0
-    vectors, labels, paths, meta = embed.read_embeddings(out)
+    vectors, labels, paths, meta = read_embeddings(out)
     assert vectors.shape == (15, 512) and meta["normalized"] and meta["count"] == 15
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)  # float32 unit vectors
     assert not (tmp_path / "test.npy.parts").exists()  # chunks merged and removed
@@ -82,7 +78,7 @@ def test_interrupted_embedding_resumes_from_its_chunks(checkpoint, tmp_path, mon
     assert embedded == [4, 3]  # 15 images in chunks of 4: only chunks 2 and 3 were embedded again
     monkeypatch.setattr(evaluation, "extract_embeddings", extract)
     command(embed, ["--checkpoint", str(checkpoint), "--split", "test", "--out", str(tmp_path / "b.npy")])
-    resumed, uninterrupted = embed.read_embeddings(out)[0], embed.read_embeddings(tmp_path / "b.npy")[0]
+    resumed, uninterrupted = read_embeddings(out)[0], read_embeddings(tmp_path / "b.npy")[0]
     assert np.allclose(resumed, uninterrupted, atol=1e-6)  # other chunking, same per-image embeddings (fp32)
 
 
@@ -108,15 +104,15 @@ def test_embed_folder_and_list_inputs(checkpoint, tmp_path):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(image.read_bytes())
     assert command(embed, ["--checkpoint", str(checkpoint), "--images", str(folder), "--out", str(tmp_path / "f")]) == 0
-    _, labels, paths, _ = embed.read_embeddings(tmp_path / "f.npy")
+    _, labels, paths, _ = read_embeddings(tmp_path / "f.npy")
     assert [Path(p).parent.name for p in paths] == ["catalogue", "bags", "bags", "shoes", "shoes"]  # sorted paths
     assert labels.tolist() == [-1, 0, 0, 1, 1]
     (tmp_path / "list.csv").write_text("path,label\n" + "".join(f"{p},{7 + i}\n" for i, p in enumerate(paths[:3])))
     assert command(embed, ["--checkpoint", str(checkpoint), "--images", str(tmp_path / "list.csv"),
                            "--out", str(tmp_path / "l.npy"), "--raw"]) == 0
-    raw, labels, _, meta = embed.read_embeddings(tmp_path / "l.npy")
+    raw, labels, _, meta = read_embeddings(tmp_path / "l.npy")
     assert labels.tolist() == [7, 8, 9] and not meta["normalized"]
-    normalised = embed.read_embeddings(tmp_path / "f.npy")[0][:3]  # the same three images, normalised
+    normalised = read_embeddings(tmp_path / "f.npy")[0][:3]  # the same three images, normalised
     assert np.allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), normalised, atol=1e-6)
     (tmp_path / "bad.csv").write_text("a.jpg,shoe\n")
     with pytest.raises(UserError, match="bad.csv:1: expected 'path' or 'path,label'"):
@@ -131,7 +127,7 @@ def test_index_and_search_with_it_agree_with_exact_search(checkpoint, tmp_path, 
     assert command(index, ["--embeddings", str(out), "--out", str(tmp_path / "g.index")]) == 0
     assert "exact search" in capsys.readouterr().out
     _, cfg = load_for_inference(checkpoint)
-    query = embed.read_embeddings(out)[2][3]
+    query = read_embeddings(out)[2][3]
     assert command(search, ["--checkpoint", str(checkpoint), "--query", query, "--index", str(tmp_path / "g.index"),
                             "--topk", "4", "--out", str(tmp_path / "with_index.png")]) == 0
     with_index = capsys.readouterr().out.splitlines()[:4]
@@ -152,6 +148,6 @@ def test_two_ranks_shard_the_chunks_and_write_the_same_file(checkpoint, tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     command(embed, ["--checkpoint", str(checkpoint), "--split", "test", "--out", str(tmp_path / "one.npy"),
                     "--chunk-size", "4"])
-    two, one = embed.read_embeddings(tmp_path / "dist.npy"), embed.read_embeddings(tmp_path / "one.npy")
+    two, one = read_embeddings(tmp_path / "dist.npy"), read_embeddings(tmp_path / "one.npy")
     assert two[2] == one[2] and np.array_equal(two[1], one[1])
     assert np.allclose(two[0], one[0], atol=1e-6)  # same chunks and batches in another process (fp32)

@@ -1,8 +1,8 @@
 """Every module imports, and the import graph has the architecture's shape (docs/design.md, "Import direction").
 
-launcher -> study -> run_config (the composition root) -> engine -> {models, losses, data_pipeline, evaluation}
--> kernels, with the leaves (config, errors, extras, registry, seeding, runtime) importable from everywhere and
-importing none of the layers.
+launcher -> {study, serving} -> run_config (the composition root) -> engine -> {models, losses, data_pipeline,
+evaluation} -> kernels, with the leaves (config, errors, extras, registry, seeding, runtime) importable from
+everywhere and importing none of the layers.
 Imports are read from the source with `ast`, including the ones inside functions, so a lazy import cannot
 hide an upward dependency or a cycle; only `if TYPE_CHECKING:` blocks are skipped (never executed).
 """
@@ -18,8 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "unidml"
 
 # Rank of each top-level part: a module may import its own part, any lower rank, and the leaves (parts of
 # the same rank, e.g. losses and evaluation, do not import each other).
-LAYERS = {"launcher": 5, "study": 4, "run_config": 3, "engine": 2, "models": 1, "losses": 1, "data_pipeline": 1,
-          "evaluation": 1, "kernels": 0}
+LAYERS = {"launcher": 5, "study": 4, "serving": 4, "run_config": 3, "engine": 2, "models": 1, "losses": 1,
+          "data_pipeline": 1, "evaluation": 1, "kernels": 0}
 LEAVES = {"config", "errors", "extras", "registry", "seeding", "runtime"}
 
 
@@ -151,5 +151,7 @@ def test_the_checks_catch_what_they_should():
     assert not allowed("unidml.config", "unidml.engine.trainer")
     assert not allowed("unidml.losses.base", "unidml.evaluation.knn")  # siblings stay independent
     assert allowed("unidml.launcher.cli", "unidml.study.compare")
+    assert not allowed("unidml.serving.catalogue", "unidml.launcher.commands.embed")
+    assert not allowed("unidml.study.compare", "unidml.serving.catalogue")
     assert allowed("unidml.losses.base", "unidml.runtime.device")
     assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from unidml.errors import UserError
-from unidml.launcher.commands import embed, index
+from unidml.evaluation.embedding_files import write_embeddings
+from unidml.launcher.commands import index
+from unidml.serving.catalogue import ServedIndex
 
 
 def command(argv: list[str]) -> int:
@@ -27,7 +29,7 @@ def catalogue(tmp_path_factory):
     vectors = (centres[labels] + rng.standard_normal((20_000, 32))).astype(np.float32)  # overlapping clusters
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     path = tmp_path_factory.mktemp("index") / "emb.npy"
-    embed.write_embeddings(path, vectors, [f"img{i}.jpg" for i in range(len(vectors))], labels,
+    write_embeddings(path, vectors, [f"img{i}.jpg" for i in range(len(vectors))], labels,
                            {"metric": "cosine", "normalized": True})
     return path, vectors
 
@@ -42,7 +44,7 @@ def test_flat_index_is_exact(catalogue, tmp_path, capsys):
     path, vectors = catalogue
     assert command(["--embeddings", str(path), "--out", str(tmp_path / "flat.index")]) == 0
     assert "recall@10 = 1 by construction" in capsys.readouterr().out
-    served = index.ServedIndex(tmp_path / "flat.index")
+    served = ServedIndex(tmp_path / "flat.index")
     rows = np.arange(0, 20_000, 997)
     want = numpy_top10(vectors, rows)
     for row, expected in zip(rows, want):
@@ -62,7 +64,7 @@ def test_approximate_index_recall_is_measured_and_printed(catalogue, tmp_path, c
     assert record["factory"] == factory and record["recall@10_vs_exact"] == pytest.approx(printed, abs=5e-5)
     # Independent recall: the same 500 queries against the float64 numpy top-10, through the saved index.
     rows = np.random.default_rng(0).choice(len(vectors), size=500, replace=False)
-    served = index.ServedIndex(out)
+    served = ServedIndex(out)
     _, found = served.index.search(vectors[rows], 10)
     recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(numpy_top10(vectors, rows), found)])
     assert recall == pytest.approx(printed, abs=0.01)  # float32 near-ties at rank 10 may differ
@@ -78,4 +80,4 @@ def test_bad_factory_and_parameters_are_one_line_errors(catalogue, tmp_path):
             command(["--embeddings", str(path), "--out", str(tmp_path / "x.index"), *argv])
         assert "\n" not in str(info.value)
     with pytest.raises(UserError, match="index .* not found"):
-        index.ServedIndex(tmp_path / "missing.index")
+        ServedIndex(tmp_path / "missing.index")

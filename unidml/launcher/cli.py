@@ -23,6 +23,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("embed", "embed", "write the embeddings of a split or of a folder/list of images (.npy + .tsv)"),
     ("export", "export", "export the embedding network to ONNX or TorchScript, verified against PyTorch"),
     ("index", "index", "build a FAISS index (exact or IVF/HNSW/PQ) over embeddings, with its recall"),
+    ("serve", "serve", "serve an index over HTTP: a JSON search API and a page to try it"),
     ("models", "models", "list the backbones model.arch accepts (torchvision, timm/NAME) and local weights"),
     ("launch", "launch", "print or run the torchrun / deepspeed command for a cluster shape"),
     ("list", "list_registry", "list what a config can name: losses, backbones, datasets"),

@@ -77,7 +77,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], bool]
 
 def embed_file_arrays(path: Path, gallery: str | None) -> dict[str, Any]:
     """Query (and gallery) arrays of files written by `unidml embed`."""
-    from unidml.launcher.commands.embed import read_embeddings
+    from unidml.evaluation.embedding_files import read_embeddings
 
     vectors, labels, _, _ = read_embeddings(path)
     arrays = {"query": vectors, "query_labels": labels}

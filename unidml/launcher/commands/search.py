@@ -88,13 +88,13 @@ def output_path(args: argparse.Namespace) -> Path:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from unidml.data_pipeline.dataset import ImageSet
     from unidml.engine.evaluator import embed_images
     from unidml.errors import UserError
     from unidml.evaluation import sharded_knn
     from unidml.evaluation.contact_sheet import Hit, write_contact_sheet
     from unidml.run_config import load_for_inference
     from unidml.runtime.device import choose_device
+    from unidml.serving.queries import embed_queries
 
     query_path = Path(args.query)
     if args.topk <= 0:
@@ -108,19 +108,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--index and --gallery: give one of them")
     served = None
     if args.index:
-        from unidml.launcher.commands.index import ServedIndex
-        served = ServedIndex(args.index)
-        if served.metric != str(cfg.eval.metric):
-            raise UserError(f"--index {args.index}: built for {served.metric} similarity, "
-                            f"the run uses {cfg.eval.metric}")
+        from unidml.serving.catalogue import open_index
+        served = open_index(args.index, str(cfg.eval.metric))
         gallery, dataset = served.images, None
     else:
         gallery, dataset = (gallery_from_directory(args.gallery), None) if args.gallery else gallery_from_run(cfg)
     label = query_label(query_path, dataset) if dataset is not None else None
-    query = ImageSet("query", (str(query_path.resolve()),), np.zeros(1, np.int64))
     cosine = str(cfg.eval.metric) == "cosine"
 
-    query_vector = embed_images(cfg, model, query, device, normalize=cosine).vectors
+    query_vector = embed_queries(cfg, model, [str(query_path.resolve())], device).vectors
     if not len(query_vector):  # PIL reads it but the configured loader cannot (said in its warning)
         raise UserError(f"--query {query_path}: the data.backend={cfg.data.backend} loader cannot read it")
     # The query's own gallery index (if it is in the gallery) is excluded like a self-match.

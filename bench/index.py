@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from unidml.launcher.commands.index import build_index, recall_against_exact
+from unidml.serving.indexes import build_index, recall_against_exact
 
 FACTORIES = (("Flat", ""), ("IVF256,Flat", "nprobe=4"), ("IVF256,Flat", "nprobe=16"), ("HNSW32", "efSearch=64"),
              ("IVF256,PQ16", "nprobe=16"))

@@ -14,6 +14,7 @@ from command_helpers import TINY_RUN, command, write_untrained_checkpoint
 from unidml.errors import UserError
 from unidml.evaluation.embedding_files import read_embeddings
 from unidml.launcher.commands import embed, evaluate, index, search
+from unidml.serving import embedding_run
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_interrupted_embedding_resumes_from_its_chunks(checkpoint, tmp_path, mon
     out = tmp_path / "a.npy"
     argv = ["--checkpoint", str(checkpoint), "--split", "test", "--out", str(out), "--chunk-size", "4"]
     saves = []
-    original_save = embed.ChunkStore.save
+    original_save = embedding_run.ChunkStore.save
 
     def crash_after_two(store, chunk, vectors, rows):
         if len(saves) == 2:
@@ -59,11 +60,11 @@ def test_interrupted_embedding_resumes_from_its_chunks(checkpoint, tmp_path, mon
         saves.append(chunk)
         original_save(store, chunk, vectors, rows)
 
-    monkeypatch.setattr(embed.ChunkStore, "save", crash_after_two)
+    monkeypatch.setattr(embedding_run.ChunkStore, "save", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         command(embed, argv)
     assert sorted(p.name for p in (tmp_path / "a.npy.parts").glob("part-*")) == ["part-000000.npz", "part-000001.npz"]
-    monkeypatch.setattr(embed.ChunkStore, "save", original_save)
+    monkeypatch.setattr(embedding_run.ChunkStore, "save", original_save)
     import unidml.evaluation as evaluation
 
     extract, embedded = evaluation.extract_embeddings, []

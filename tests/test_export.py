@@ -11,6 +11,7 @@ import torch
 
 from unidml.errors import UserError
 from unidml.launcher.commands import export
+from unidml.registry import EXPORT_FORMATS
 from unidml.run_config import load_run_config
 
 pytest.importorskip("timm")
@@ -51,7 +52,7 @@ def reference(checkpoint: Path, images: torch.Tensor) -> np.ndarray:
         return model.float()(images).numpy()
 
 
-@pytest.mark.parametrize("fmt", export.FORMATS)
+@pytest.mark.parametrize("fmt", EXPORT_FORMATS.names())
 def test_export_matches_pytorch_on_other_batch_sizes(checkpoint, fmt, tmp_path, capsys):
     out = tmp_path / f"net.{fmt}"
     assert command(["--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0

@@ -59,9 +59,12 @@ def test_every_command_reading_a_config_goes_through_the_root(command, module_na
     source = PACKAGE / "launcher" / "commands" / f"{module_name}.py"
     tree = ast.parse(source.read_text())
     used = _calls(tree)
-    for module in {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
-                   and n.module.startswith("unidml.serving")}:  # a command that is one call into its library
-        used |= _calls(ast.parse(Path(importlib.import_module(module).__file__).read_text()))
+    for node in ast.walk(tree):  # a command that is argument parsing plus one call into its library
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("unidml.serving"):
+            for name in [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]:
+                module_file = REPO.joinpath(*name.split(".")).with_suffix(".py")
+                if module_file.is_file():
+                    used |= _calls(ast.parse(module_file.read_text()))
     assert used & {"load_run_config", "load_for_inference", "stored_run_config"}, \
         f"`unidml {command}` ({source.name}) loads its config outside unidml.run_config"
 
@@ -122,7 +125,7 @@ def test_data_check_accepts_every_registered_dataset(tmp_path, capsys):
 
 def test_embed_and_the_folder_reader_read_the_same_image_files(tmp_path):
     from unidml.data_pipeline.readers import IMAGE_EXTENSIONS, read_dataset
-    from unidml.launcher.commands.embed import images_from_folder
+    from unidml.serving.image_lists import images_from_folder
 
     pixels = np.zeros((8, 8, 3), np.uint8)
     for index, suffix in enumerate(IMAGE_EXTENSIONS):

@@ -15,18 +15,9 @@ parameters and the measured recall.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from unidml.config import METRICS
-from unidml.errors import UserError
-from unidml.serving.catalogue import apply_search_params
-
-RECALL_K = 10
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,74 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recall-queries", type=int, default=1000, help="queries for the recall measurement")
 
 
-def metric_type(metric: str) -> int:
-    import faiss
-
-    return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-
-
-def prepared(vectors: np.ndarray, metric: str) -> np.ndarray:
-    """Contiguous float32 rows, L2-normalised for cosine (inner product on unit vectors)."""
-    vectors = np.ascontiguousarray(vectors, np.float32)
-    if metric == "cosine":
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return vectors
-
-
-def build_index(vectors: np.ndarray, factory: str, metric: str, search_params: str = "") -> Any:
-    """A trained FAISS index over `vectors` (already `prepared`), with `search_params` applied."""
-    import faiss
-
-    try:
-        index = faiss.index_factory(vectors.shape[1], factory, metric_type(metric))
-    except RuntimeError as exc:
-        raise UserError(f"--factory '{factory}': not a FAISS index-factory string for d={vectors.shape[1]} "
-                        f"({str(exc).strip().splitlines()[-1][:160]})") from None
-    if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
-    apply_search_params(index, search_params)
-    return index
-
-
-def recall_against_exact(index: Any, vectors: np.ndarray, metric: str, queries: int, k: int = RECALL_K) -> float:
-    """Mean |index top-k ∩ exact top-k| / k over up to `queries` indexed vectors (fixed random sample)."""
-    import faiss
-
-    rows = np.random.default_rng(0).choice(len(vectors), size=min(queries, len(vectors)), replace=False)
-    k = min(k, len(vectors))
-    exact = faiss.IndexFlat(vectors.shape[1], metric_type(metric))
-    exact.add(vectors)
-    _, truth = exact.search(vectors[rows], k)
-    _, found = index.search(vectors[rows], k)
-    return float(np.mean([len(set(t) & set(f[f >= 0])) / k for t, f in zip(truth, found)]))
-
-
 def run(args: argparse.Namespace) -> int:
-    import faiss
+    from unidml.serving.indexes import RECALL_K, write_index
 
-    from unidml.evaluation.embedding_files import read_embeddings, sidecars
-
-    if args.recall_queries <= 0:
-        raise UserError(f"--recall-queries must be > 0, got {args.recall_queries}")
-    raw, _, _, meta = read_embeddings(args.embeddings)
-    metric = args.metric or str(meta.get("metric", "cosine"))
-    vectors = prepared(raw, metric)
-    start = time.perf_counter()
-    index = build_index(vectors, args.factory, metric, args.search_params)
-    built = time.perf_counter() - start
-    exact = args.factory.strip() == "Flat"
-    recall = 1.0 if exact else recall_against_exact(index, vectors, metric, args.recall_queries)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index, str(out))
-    record = {"embeddings": str(sidecars(args.embeddings)[0].resolve()), "metric": metric, "factory": args.factory,
-              "search_params": args.search_params, "count": int(index.ntotal), "dim": int(vectors.shape[1]),
-              f"recall@{RECALL_K}_vs_exact": recall}
-    Path(f"{out}.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"{args.factory} index of {index.ntotal} x {vectors.shape[1]} ({metric}) written to {out} in {built:.2f} s")
-    queries = min(args.recall_queries, len(vectors))
-    print("exact search: recall@10 = 1 by construction" if exact else
-          f"recall@{RECALL_K} vs exact search: {recall:.4f} ({queries} queries"
+    built = write_index(args.embeddings, out, args.factory, args.metric, args.search_params, args.recall_queries)
+    print(f"{args.factory} index of {built.count} x {built.dim} ({built.metric}) written to {out} in "
+          f"{built.seconds:.2f} s")
+    queries = min(args.recall_queries, built.count)
+    print("exact search: recall@10 = 1 by construction" if built.exact else
+          f"recall@{RECALL_K} vs exact search: {built.recall:.4f} ({queries} queries"
           f"{', ' + args.search_params if args.search_params else ''})")
     return 0

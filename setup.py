@@ -28,7 +28,7 @@ EXTRAS = {
     "export": ["onnx", "onnxruntime"],
     "study": ["optuna"],
     "mlflow": ["mlflow-skinny"],
-    "wandb": ["wandb"],
+    "wandb": ["wandb>=0.20"],  # wandb.init(reinit="create_new"): a study's runs follow each other in one process
     "test": ["pytest", "pytest-timeout", "pytorch-metric-learning>=2.0", "ruff", "psutil"],
 }
 EXTRAS["all"] = sorted({req for name in ("dali", "deepspeed", "triton", "timm", "export", "study",

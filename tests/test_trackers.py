@@ -154,3 +154,11 @@ def test_a_study_logs_each_trial_and_retraining_as_a_child_of_its_parent_run(tmp
         assert tags["unidml.group"] == "study:compare" and found[name].info.status == "FINISHED"
     assert "eval_test/recall_at_1" not in found["cross_entropy/trial0"].data.metrics  # a trial never sees test
     assert "eval_test/recall_at_1" in found["cross_entropy/seed0"].data.metrics
+
+
+def test_a_run_ends_finished_failed_or_killed():
+    from unidml.engine.trackers import status_of
+    from unidml.study.runs import Pruned
+
+    assert status_of(None) == "finished" and status_of(UserError("diverged")) == "failed"
+    assert status_of(Pruned("epoch 1")) == status_of(KeyboardInterrupt()) == "killed"  # a pruned trial is no failure

@@ -7,6 +7,7 @@
   faiss-gpu both install the module `faiss`, so one would overwrite the other; docs/cluster.md gives the
   command that replaces faiss-cpu by faiss-gpu, and a run logs at its start which FAISS it uses
 - `timm`, `export` (ONNX), `study` (Optuna tuning): the backbones, exporters and tuner that need them
+- `mlflow` (mlflow-skinny), `wandb`: the experiment trackers of `log.trackers` (TensorBoard is core)
 - `all`: every extra that installs on any Linux machine (not `gpu`); `test`: the test suite and its oracles
 
 `pip install -e ".[all,test]"` is what the test suite runs with.
@@ -26,9 +27,12 @@ EXTRAS = {
     "timm": ["timm"],
     "export": ["onnx", "onnxruntime"],
     "study": ["optuna"],
+    "mlflow": ["mlflow-skinny"],
+    "wandb": ["wandb>=0.20"],  # wandb.init(reinit="create_new"): a study's runs follow each other in one process
     "test": ["pytest", "pytest-timeout", "pytorch-metric-learning>=2.0", "ruff", "psutil"],
 }
-EXTRAS["all"] = sorted({req for name in ("dali", "deepspeed", "triton", "timm", "export", "study")
+EXTRAS["all"] = sorted({req for name in ("dali", "deepspeed", "triton", "timm", "export", "study",
+                                                 "mlflow", "wandb")
                         for req in EXTRAS[name]})
 
 setup(

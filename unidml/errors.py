@@ -7,3 +7,8 @@ class UserError(Exception):
 
 class EvaluationError(UserError, ValueError):
     """Embeddings or a request that cannot give honest metrics (non-finite rows, K beyond the gallery)."""
+
+
+class RunEnded(Exception):
+    """Raised by a callback to end a training on purpose (a pruned trial): the trackers mark the run
+    killed, not failed."""

@@ -1,4 +1,5 @@
-"""Optional dependencies (the install extras `dali`, `deepspeed`, `triton`, `gpu`, `timm`, `export`, `study`):
+"""Optional dependencies (the install extras `dali`, `deepspeed`, `triton`, `gpu`, `timm`, `export`, `study`,
+`mlflow`, `wandb`):
 whether each is installed, the one-line error when a chosen feature needs a missing one (`require`), and
 the one line a run prints when an `auto` choice falls back because one is missing (`announce_fallback`).
 
@@ -23,6 +24,8 @@ OPTIONAL: dict[str, tuple[str, str, str]] = {
     "timm": ("timm", "timm backbones", "timm"),
     "onnx": ("onnx", "ONNX export", "export"),
     "onnxruntime": ("onnxruntime", "checking an ONNX export", "export"),
+    "mlflow": ("mlflow-skinny", "the MLflow tracker", "mlflow"),
+    "wandb": ("wandb", "the W&B tracker", "wandb"),
 }
 _announced: set[str] = set()
 

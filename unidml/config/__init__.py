@@ -1,5 +1,5 @@
 """Typed run configuration: a YAML file with the sections `data`, `model`, `loss`, `train`, `engine`,
-`eval` (docs/design.md, "Configuration").
+`eval`, `log` (docs/design.md, "Configuration").
 
 - `schema`: the typed sections and their defaults, and the names every layer shares (`METRICS`, ...);
 - `loading`: YAML files layered onto the schema, dotted overrides, one-line `ConfigError`s;
@@ -10,7 +10,7 @@ The `loss` section is open (each loss has its own parameters); the loss registry
 `load_config` as `validate_loss`.
 """
 from unidml.config.loading import load_config, load_config_text, parse_override, to_yaml
-from unidml.config.rules import CHOICES, POSITIVE, VALUE_RULES, RuntimeEnv, check_runtime, validate
+from unidml.config.rules import CHOICES, POSITIVE, VALUE_RULES, RuntimeEnv, check_runtime, check_trackers, validate
 from unidml.config.schema import (
     AUTO_PRECISION,
     EVAL_METRICS,
@@ -18,10 +18,12 @@ from unidml.config.schema import (
     METRICS,
     PRECISIONS,
     STUDY_SECTION,
+    TRACKERS,
     ConfigError,
     DataConfig,
     EngineConfig,
     EvalConfig,
+    LogConfig,
     ModelConfig,
     RunConfig,
     SyntheticConfig,
@@ -30,8 +32,8 @@ from unidml.config.schema import (
 
 __all__ = [
     "AUTO_PRECISION", "CHOICES", "EVAL_METRICS", "MAX_PIXELS_LIMIT", "METRICS", "POSITIVE", "PRECISIONS",
-    "STUDY_SECTION", "VALUE_RULES",
-    "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "ModelConfig", "RunConfig", "RuntimeEnv",
-    "SyntheticConfig", "TrainConfig", "check_runtime", "load_config", "load_config_text", "parse_override",
-    "to_yaml", "validate",
+    "STUDY_SECTION", "TRACKERS", "VALUE_RULES",
+    "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "LogConfig", "ModelConfig", "RunConfig",
+    "RuntimeEnv", "SyntheticConfig", "TrainConfig", "check_runtime", "check_trackers", "load_config",
+    "load_config_text", "parse_override", "to_yaml", "validate",
 ]

@@ -8,7 +8,15 @@ from typing import Any, Callable, Protocol, Union
 
 from omegaconf import DictConfig, OmegaConf
 
-from unidml.config.schema import AUTO_PRECISION, EVAL_METRICS, MAX_PIXELS_LIMIT, METRICS, PRECISIONS, ConfigError
+from unidml.config.schema import (
+    AUTO_PRECISION,
+    EVAL_METRICS,
+    MAX_PIXELS_LIMIT,
+    METRICS,
+    PRECISIONS,
+    TRACKERS,
+    ConfigError,
+)
 from unidml.registry import CONFIG_CHOICES, choices
 
 # Fixed choices; the keys naming a component (data.dataset, data.backend, data.sampler, model.pooling,
@@ -21,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "engine.device": ("auto", "cpu", "cuda"),
     "eval.metric": METRICS,
     "eval.split": ("test", "val"),
+    "log.wandb.mode": ("auto", "online", "offline"),
 }
 
 POSITIVE: tuple[str, ...] = (
@@ -67,12 +76,15 @@ def _jitter_rule(value: list[float]) -> str | None:
     return f"must be four numbers [brightness, contrast, saturation, hue], all >= 0 and hue <= 0.5, got {list(value)}"
 
 
-def _members(allowed: tuple[str, ...]):
+def _members(allowed: tuple[str, ...], at_least_one: str = ""):
+    """Names from `allowed`, each once; `at_least_one` names what an empty list lacks (empty allowed without it)."""
     def rule(value: list[str]) -> str | None:
         unknown = [v for v in value if v not in allowed]
-        if not value or unknown:
-            return f"unknown {unknown} (known: {', '.join(allowed)})" if unknown else "must name at least one metric"
-        return None
+        if unknown:
+            return f"unknown {unknown} (known: {', '.join(allowed)})"
+        if len(set(value)) < len(value):
+            return f"names one twice: {list(value)}"
+        return f"must name at least one {at_least_one}" if at_least_one and not value else None
     return rule
 
 
@@ -95,7 +107,8 @@ VALUE_RULES: dict[str, Callable[[Any], str | None]] = {
     "data.crop_scale": _pair_rule(0, 1),
     "data.crop_ratio": _pair_rule(0, math.inf),
     "data.color_jitter": _jitter_rule,
-    "eval.metrics": _members(EVAL_METRICS),
+    "eval.metrics": _members(EVAL_METRICS, "metric"),
+    "log.trackers": _members(TRACKERS),  # [] logs to the run directory only (no TensorBoard)
     # exact search needs a fixed 24 MiB working set on the CPU (16 on a GPU) plus its query rows
     "eval.memory_budget_mb": _finite(32),
 }
@@ -185,6 +198,16 @@ def per_rank_batch(global_batch_size: int, world_size: int) -> int:
     return global_batch_size // world_size
 
 
+def check_trackers(cfg: DictConfig) -> None:
+    """One line naming the extra to install when `log.trackers` names a tracker whose package is missing
+    (checked before any training: a run, and a study before its first run)."""
+    from unidml.extras import require
+
+    for name in cfg.log.trackers:
+        if name != "tensorboard":  # TensorBoard is a core dependency
+            require(name, f"log.trackers: {name}")
+
+
 class RuntimeEnv(Protocol):
     """What `check_runtime` needs to know about this process (`engine.distributed.DistEnv` has it)."""
 
@@ -201,6 +224,7 @@ def check_runtime(cfg: DictConfig, env: RuntimeEnv) -> None:
     backend, world = cfg.engine.backend, env.world_size
     if backend == "deepspeed":
         require("deepspeed", "engine.backend=deepspeed")
+    check_trackers(cfg)
     if cfg.engine.embed_chunks > per_rank_batch(cfg.train.batch_size, world):
         raise ConfigError(f"engine.embed_chunks={cfg.engine.embed_chunks} exceeds the per-rank batch "
                           f"({cfg.train.batch_size // world} images)")

@@ -21,6 +21,8 @@ AUTO_PRECISION = "auto"
 # a run trains at the values the file sets, so `unidml train --config BASE --config VARIANT` drops it.
 STUDY_SECTION = "search"
 EVAL_METRICS: tuple[str, ...] = ("recall", "map_at_r", "r_precision", "map", "mrr", "nmi")
+# Experiment trackers `log.trackers` may name (implemented in `unidml.engine.trackers`).
+TRACKERS: tuple[str, ...] = ("tensorboard", "mlflow", "wandb")
 # The largest image accepted (`data.max_pixels`): PIL's decompression-bomb limit, 2 x
 # PIL.Image.MAX_IMAGE_PIXELS, above which PIL refuses to open a file, so the limit means the same
 # in both loaders (see unidml.data_pipeline.images).
@@ -134,6 +136,30 @@ class EvalConfig:
 
 
 @dataclass
+class MlflowConfig:
+    # a relative `file:` store is read from the working directory, as MLflow itself does (docs/design.md,
+    # "Experiment trackers"); any other URI (sqlite:///..., http://...) is passed to MLflow as is
+    tracking_uri: str = "file:./mlruns"
+    experiment: str = "unidml"
+
+
+@dataclass
+class WandbConfig:
+    project: str = "unidml"
+    entity: str = ""
+    mode: str = "auto"  # auto: online with an API key (WANDB_API_KEY or `wandb login`), else offline
+
+
+@dataclass
+class LogConfig:
+    """Where a run's params, scalars, metrics and files go besides its run directory (rank 0 only)."""
+
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -141,3 +167,4 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)

@@ -1,4 +1,5 @@
-"""What a run leaves behind (rank 0 only): metrics.json, TensorBoard scalars, PNG plots.
+"""What a run leaves behind (rank 0 only): metrics.json, PNG plots, and what its trackers receive
+(`log.trackers`: TensorBoard by default, MLflow, W&B; `unidml.engine.trackers`).
 
 `metrics.json` holds one entry per evaluated epoch (`epoch`, `recall@K`..., `map@r`,
 `r_precision`, the query counts `num_queries`, `excluded_queries`, `unreadable_images`, and every
@@ -7,19 +8,25 @@ throughput, `embed_chunks` (K, whether the chunked gradient is exact, and the tr
 layers that make it inexact) and `stopped` (null, or why the run stopped early: `{"reason": "non_finite", ...}`).
 It is rewritten atomically once the evaluated epoch's checkpoint is written (`flush`, called by the
 trainer after each save), so it never lists an epoch that no checkpoint holds; a full disk fails with
-one line and leaves the previous file intact.
+one line and leaves the previous file intact. The trackers get the per-step and per-epoch scalars as
+they come, and at the end the selected epoch and the run directory's files (`finish_tracking`).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 from matplotlib.figure import Figure  # drawn without pyplot: no GUI backend is chosen or needed
+from omegaconf import DictConfig, OmegaConf
 
+from unidml.engine.trackers import FINISHED, IDS_FILE, RunLabels, Trackers, open_trackers, status_of
 from unidml.errors import UserError
+
+ARTIFACTS = ("config.yaml", "metrics.json", "train.log", "plots/*.png")  # given to the trackers at the end
 
 
 def write_atomic(write: Callable[[Path], None], path: Path) -> None:
@@ -63,20 +70,38 @@ class RunRecord:
         self.throughput: dict[str, float] = {}
         self.embed_chunks: dict | None = None
         self.stopped: dict | None = None
-        self._writer = None
+        self.trackers = Trackers()
 
     @property
     def writer(self):
-        """TensorBoard writer, created on first use (rank 0 only)."""
-        if self._writer is None and self.enabled:
-            from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
-        return self._writer
+        """The TensorBoard writer while TensorBoard tracks the run (rank 0 only), else None."""
+        return self.trackers.writer
+
+    @contextlib.contextmanager
+    def tracking(self, cfg: DictConfig, labels: RunLabels | None = None) -> Iterator[None]:
+        """The trackers of `log.trackers` open (with the resolved config) for the duration of the block; an
+        exception ends them as failed, or killed (interrupted, `RunEnded`). Call once the run directory is ours.
+        Their run ids are kept in `trackers.json`: a resumed run (not `train.resume=never`) continues them."""
+        if self.enabled:
+            path = self.run_dir / IDS_FILE
+            known = json.loads(path.read_text()) if path.is_file() and cfg.train.resume != "never" else {}
+            self.trackers = open_trackers(cfg, self.run_dir, labels, known)
+            if self.trackers.ids():
+                write_text_atomic(json.dumps(self.trackers.ids(), indent=2) + "\n", path)
+            self.trackers.log_config(OmegaConf.to_container(cfg, resolve=True))
+        try:
+            yield
+        except BaseException as exc:
+            self.finish_tracking(status_of(exc))
+            raise
 
     def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        """Per-step scalars (`prefix/key`) to every tracker."""
+        self.trackers.log_scalars(step, {f"{prefix}/{key}": value for key, value in values.items()})
+
+    def epoch_scalars(self, epoch: int, values: dict[str, float], prefix: str) -> None:
+        """Per-epoch values (`prefix/key`, e.g. the diagnostics) to every tracker."""
+        self.trackers.log_epoch(epoch, {f"{prefix}/{key}": value for key, value in values.items()})
 
     def best(self) -> dict | None:
         """The evaluated epoch with the highest Recall@1 on the selection split (earliest on ties)."""
@@ -93,8 +118,8 @@ class RunRecord:
         The files are written by `flush`, after the epoch's checkpoint."""
         entry = {"epoch": epoch, "step": step, **extra, **splits[self.selection_split], "splits": splits}
         self.history = [e for e in self.history if e["epoch"] != epoch] + [entry]
-        for name, metrics in splits.items():
-            self.scalars(epoch, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, f"eval_{name}")
+        self.trackers.log_epoch(epoch, {f"eval_{name}/{k}": v for name, metrics in splits.items()
+                                        for k, v in metrics.items() if isinstance(v, (int, float))})
         best = self.best()
         return best is not None and best["epoch"] == epoch
 
@@ -110,8 +135,6 @@ class RunRecord:
                 "throughput": self.throughput, "embed_chunks": self.embed_chunks, "stopped": self.stopped}
         write_text_atomic(json.dumps(data, indent=2) + "\n", self.run_dir / "metrics.json")
         self._plot()
-        if self._writer is not None:
-            self._writer.flush()
 
     def _protocol(self) -> str:
         if self.selection_split == "val":
@@ -138,7 +161,33 @@ class RunRecord:
         (self.run_dir / "plots").mkdir(exist_ok=True)
         write_atomic(lambda tmp: fig.savefig(tmp, dpi=100, format="png"), self.run_dir / "plots" / "recall_at_k.png")
 
+    def summary(self) -> dict[str, Any]:
+        """The selected epoch for the trackers: `best/epoch`, `best/selected_by`, `best/checkpoint` (its path)
+        and `best/<split>/<metric>` of every evaluated split."""
+        best = self.best()
+        if best is None:
+            return {}
+        values: dict[str, Any] = {"best/epoch": best["epoch"], "best/selected_by": best["selected_by"]}
+        checkpoint = self.run_dir / "checkpoints" / "best.pt"
+        if checkpoint.is_file():
+            values["best/checkpoint"] = str(checkpoint.resolve())
+        for split, metrics in best["splits"].items():
+            values.update({f"best/{split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+        return values
+
+    def finish_tracking(self, status: str) -> None:
+        """Give the trackers the selected epoch and the run directory's files, then end their runs as `status`."""
+        if not self.trackers.trackers:
+            return
+        summary = self.summary()
+        if summary:
+            self.trackers.log_summary(summary)
+        for pattern in ARTIFACTS:
+            for path in sorted(self.run_dir.glob(pattern)):
+                self.trackers.log_artifact(path, str(path.parent.relative_to(self.run_dir)).strip("."))
+        self.trackers.finish(status)
+
     def close(self) -> None:
+        """Write the files a last time and end the trackers' runs as finished."""
         self.flush()
-        if self._writer is not None:
-            self._writer.close()
+        self.finish_tracking(FINISHED)

@@ -34,6 +34,7 @@ from unidml.engine.profiling import device_memory_mib, step_profiler
 from unidml.engine.run_dir import claim_run_dir
 from unidml.engine.run_log import RunLog
 from unidml.engine.run_record import RunRecord, query_counts, write_text_atomic
+from unidml.engine.trackers import RunLabels
 from unidml.engine.train_step import TrainStep
 from unidml.errors import UserError
 from unidml.evaluation.knn import announce_faiss
@@ -50,12 +51,13 @@ log = logging.getLogger(__name__)
 class Trainer:
     """Builds a run from its config and trains it (one process, or one rank of a DDP group)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, env: DistEnv) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: Path, env: DistEnv, labels: RunLabels | None = None) -> None:
+        """`labels` name and group the run in its trackers (a study's trial); a plain run needs none."""
         check_runtime(cfg, env)
         self.run_log = RunLog(env.is_main)  # from here on, what the run logs also goes to RUN_DIR/train.log
         cfg = settle_precision(cfg)
         warn_if_emulated(precision_of(cfg), env.device)
-        self.cfg, self.run_dir, self.env = cfg, run_dir, env
+        self.cfg, self.run_dir, self.env, self.labels = cfg, run_dir, env, labels
         self.device = env.device
         seed_everything(cfg.train.seed)
         configure_determinism(cfg.train.deterministic, self.device)
@@ -138,16 +140,16 @@ class Trainer:
             tqdm.write(line)
             self.run_log.note(line)
             diagnostics = self.evaluator.diagnostics(self.module.model, self.module.loss)
-            self.record.scalars(self.epoch, diagnostics, "diagnostics")
+            self.record.epoch_scalars(self.epoch, diagnostics, "diagnostics")
             extra = {**extra, **diagnostics}
         return self.record.add_evaluation(self.epoch, self.step, results, extra)
 
     # --------------------------------------------------------------- training
     def fit(self) -> dict:
         """Train to `train.epochs`, evaluating before training and every `eval.every` epochs, with the
-        run directory claimed (locked, checked not to hold another run) throughout."""
+        run directory claimed (locked, checked not to hold another run) and the trackers open throughout."""
         with claim_run_dir(self.run_dir, str(self.cfg.train.resume), self.env.is_main), \
-                self.run_log.writing_to(self.run_dir):
+                self.run_log.writing_to(self.run_dir), self.record.tracking(self.cfg, self.labels):
             return self._fit()
 
     def _fit(self) -> dict:

@@ -31,6 +31,12 @@ REPO_VARIANTS = Path(__file__).resolve().parents[2] / "configs" / "pairwise"
 VARIANT_SECTIONS = {"loss", "data", "model", "train", STUDY_SECTION}
 MEMORY_SUFFIX = "+xbm"  # a pairwise loss with cross-batch memory (unidml.losses.xbm)
 OBJECTIVES = ("recall@1", "map@r")  # validation metrics a study can tune and select by
+LOG_SECTION = "log"  # where a run is tracked does not change its results: never compared between runs
+
+
+def without_log(mapping: dict[str, Any] | None) -> dict[str, Any]:
+    """A config mapping without its `log` section (the trackers)."""
+    return {key: value for key, value in (mapping or {}).items() if key != LOG_SECTION}
 
 
 @dataclass(frozen=True)
@@ -181,12 +187,13 @@ def _first_difference(old: Any, new: Any, prefix: str = "") -> str:
 
 def run_state(run_dir: Path, cfg: DictConfig) -> str:
     """`new` (nothing there), `partial` (started, same config) or `done` (evaluated at the last epoch).
-    A directory holding a run of a different config is an error: results must not be mixed."""
+    A directory holding a run of a different config (the `log` section aside) is an error: results must
+    not be mixed."""
     stored = run_dir / "config.yaml"
     if not stored.is_file():
         return "new"
-    old = yaml.safe_load(stored.read_text())
-    new = yaml.safe_load(to_yaml(settle_precision(cfg)))
+    old = without_log(yaml.safe_load(stored.read_text()))
+    new = without_log(yaml.safe_load(to_yaml(settle_precision(cfg))))
     if old != new:
         raise UserError(f"{run_dir}: holds a run with a different config ({_first_difference(old, new)}); "
                         f"use another --out")

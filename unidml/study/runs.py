@@ -22,16 +22,17 @@ from typing import Callable
 from omegaconf import DictConfig
 
 from unidml.engine.distributed import DistEnv
+from unidml.engine.trackers import RunLabels
 from unidml.engine.trainer import Trainer
-from unidml.errors import UserError
+from unidml.errors import RunEnded, UserError
 from unidml.study.compare import run_state
 
 DIVERGENCE_FACTOR = 100.0
 TRAINED = 1  # the first epoch after training; epoch 0 is the untrained network
 
 
-class Pruned(Exception):
-    """Raised from the evaluation callback to stop a run the tuner gave up on."""
+class Pruned(RunEnded):
+    """Raised from the evaluation callback to stop a run the tuner gave up on (its trackers: killed)."""
 
 
 @dataclass
@@ -75,8 +76,8 @@ class _StudyTrainer(Trainer):
     """The engine's trainer plus a callback after each evaluation, evaluating only `splits`."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, env: DistEnv, splits: tuple[str, ...] | None,
-                 on_evaluation: Callable[[dict], None] | None) -> None:
-        super().__init__(cfg, run_dir, env)
+                 on_evaluation: Callable[[dict], None] | None, labels: RunLabels | None = None) -> None:
+        super().__init__(cfg, run_dir, env, labels)
         if splits is not None:
             self.evaluator.loaders = {name: pair for name, pair in self.evaluator.loaders.items() if name in splits}
         self.on_evaluation = on_evaluation
@@ -97,8 +98,9 @@ def _stored(run_dir: Path) -> tuple[list[dict], dict | None]:
 
 
 def train_run(cfg: DictConfig, run_dir: Path, env: DistEnv, split: str | None = None,
-              on_evaluation: Callable[[dict], None] | None = None) -> RunResult:
-    """Train (or resume, or just read back) the run in `run_dir` and judge it.
+              on_evaluation: Callable[[dict], None] | None = None, labels: RunLabels | None = None) -> RunResult:
+    """Train (or resume, or just read back) the run in `run_dir` and judge it; `labels` place it in the
+    study's group of its trackers.
 
     `split` limits evaluation (a tuning trial evaluates only the validation split, so the test split
     is never looked at while tuning); `on_evaluation(entry)` may raise `Pruned`. A `UserError` from
@@ -108,7 +110,7 @@ def train_run(cfg: DictConfig, run_dir: Path, env: DistEnv, split: str | None = 
     if run_state(run_dir, cfg) != "done":
         trainer = None
         try:
-            trainer = _StudyTrainer(cfg, run_dir, env, split, on_evaluation)
+            trainer = _StudyTrainer(cfg, run_dir, env, split, on_evaluation, labels)
             trainer.fit()
         except Pruned:
             status = "pruned"

@@ -40,10 +40,11 @@ from optuna.trial import FrozenTrial, TrialState
 from unidml.engine.distributed import DistEnv
 from unidml.errors import UserError
 from unidml.seeding import derived_seed
-from unidml.study.compare import LossPlan, _first_difference
+from unidml.study.compare import LOG_SECTION, LossPlan, _first_difference, without_log
 from unidml.study.leases import TaskLeases
 from unidml.study.runs import Pruned, RunResult, best_trained_entry, objective_value, train_run
 from unidml.study.search_space import params_of, suggest, values_of
+from unidml.study.tracking import StudyGroup
 
 SLOT = "unidml_slot"  # trial user attribute: the budget slot 0..N-1 the trial fills
 FAILURE = "unidml_failure"  # trial user attribute: why a failed trial failed
@@ -196,9 +197,11 @@ class LossStudies:
         return f"{self.settings.name}:{loss}"
 
     def fingerprint(self, plan: LossPlan) -> dict[str, Any]:
-        """What a loss's trials depend on; a study created for other settings is refused."""
+        """What a loss's trials depend on (not where they are tracked); a study created for other settings is
+        refused."""
         s = self.settings
-        data = {"config": plan.mapping, "overrides": list(plan.overrides), "trials": s.trials,
+        overrides = [item for item in plan.overrides if not item.startswith(f"{LOG_SECTION}.")]
+        data = {"config": without_log(plan.mapping), "overrides": overrides, "trials": s.trials,
                 "search": [dataclasses.asdict(d) for d in plan.dims], "trial_epochs": s.trial_epochs,
                 "objective": s.objective, "seed": s.seed, "trial_seed": s.trial_seed, "prune": s.prune,
                 "prune_startup_trials": s.prune_startup_trials, "prune_warmup_share": s.prune_warmup_share,
@@ -327,8 +330,10 @@ class StudyWorker:
     """One worker of the study: a process, or every rank of a torchrun job (rank 0 holds the database)."""
 
     def __init__(self, settings: StudySettings, plans: Sequence[LossPlan], env: DistEnv,
-                 studies: LossStudies | None) -> None:
+                 studies: LossStudies | None, group: StudyGroup | None = None) -> None:
+        """`group`: the study's group in the trackers (rank 0), so each run is named and nested in it."""
         self.settings, self.plans, self.env, self.studies = settings, {p.loss: p for p in plans}, env, studies
+        self.group = group
 
     def run(self) -> int:
         """Work until every task of the study is done; returns how many tasks this worker ran."""
@@ -387,8 +392,9 @@ class StudyWorker:
             if _broadcast(stop, env):
                 raise Pruned(f"epoch {epoch}")
 
+        labels = self.group.labels(job.loss, job.name, job.kind) if self.group is not None else None
         result = train_run(cfg, directory, env, split=VAL if is_trial else None,
-                           on_evaluation=report if is_trial else None)
+                           on_evaluation=report if is_trial else None, labels=labels)
         if not env.is_main:
             return
         if is_trial:

@@ -8,7 +8,8 @@ seeds 0..S-1 and reported on test, beside two references (the untrained network,
 Without `--trials`, every loss trains at its recipe variant's settings. Runs are ordinary run
 directories under OUT; the study database (`--storage`, SQLite under OUT by default) lets an
 interrupted study resume and several workers (processes, nodes, torchrun jobs) share it: start the
-same command once per worker. Writes `OUT/summary.md`, CSV tables and PNG plots.
+same command once per worker. Writes `OUT/summary.md`, CSV tables and PNG plots. With `log.trackers`
+naming MLflow or W&B, every trial and retraining is a run of the study's group there (`unidml.study.tracking`).
 """
 from __future__ import annotations
 
@@ -106,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from unidml.extras import require
 
     require("optuna", "unidml compare")  # the study database and the tuner
+    from unidml.config import check_trackers
     from unidml.engine.distributed import init_distributed, shutdown
     from unidml.launcher.logs import setup_logging
     from unidml.run_config import load_run_config
@@ -113,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from unidml.study.compare import describe, parse_losses, plan_losses
     from unidml.study.report import write_report
     from unidml.study.results import collect
+    from unidml.study.tracking import StudyGroup
     from unidml.study.tuning import LossStudies, StudySettings, StudyWorker, default_storage
 
     _check_counts(args)
@@ -120,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / f"compare_{Path(args.config).stem}")
     overrides, select = _study_overrides(args)
     base = load_run_config(args.config, overrides)
+    check_trackers(base)
     env = init_distributed(base.engine.device)
     setup_logging(env.rank)
     settings = StudySettings(out=out, trials=args.trials, seeds=args.seeds, trial_epochs=args.trial_epochs,
@@ -128,13 +132,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         plans = plan_losses(args.config, losses, overrides, args.variants, cross_rank=env.distributed,
                             tuned=args.trials > 0)
-        studies = None
+        studies = group = None
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
             studies = LossStudies(settings, plans, args.storage or default_storage(out), args.stale_after,
                                   create=not args.report_only)
+            group = None if args.report_only else StudyGroup(base, out, args.study_name)
         if not args.report_only:
-            StudyWorker(settings, plans, env, studies).run()
+            StudyWorker(settings, plans, env, studies, group).run()
     finally:
         shutdown(env)
     if not env.is_main:
@@ -148,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
     baselines = {UNTRAINED: as_runs(epoch0_entries(histories)), RAW_PIXELS: as_runs(pixels)}
     paths = write_report(out, results, header, protocol_text(settings, select, base.train.epochs), args.objective,
                          baselines)
+    if group is not None:
+        group.close([path for path in sorted(out.glob("*")) if path.suffix in (".md", ".csv", ".png")])
     empty = [r.loss for r in results if not r.finished_seeds]
     print(f"report: {paths['markdown']} | {paths['csv']}" + (f" | no result for {', '.join(empty)}" if empty else ""))
     return 1 if empty else 0

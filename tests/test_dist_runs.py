@@ -157,6 +157,7 @@ def unidml_train(out: Path, overrides: list[str]) -> list[str]:
     return ["-m", "unidml", "train", "--config", str(CONFIG), "--out", str(out), *overrides, "engine.backend=ddp"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_torchrun_agents_ddp_matches_one_process(tmp_path, fp32_reference):
     """Multi-node: two torchrun agents (--nnodes 2, one process each, c10d rendezvous on 127.0.0.1)."""
@@ -169,6 +170,7 @@ def test_two_torchrun_agents_ddp_matches_one_process(tmp_path, fp32_reference):
     assert_same_run(tmp_path / "ddp", reference_dir, reference, initial)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_killed_rank_restarts_from_checkpoint_and_matches_uninterrupted_run(tmp_path, fp32_reference):
     """torchrun --max-restarts 1; rank 1 SIGKILLs itself mid-epoch 2, after the epoch-1 checkpoint
@@ -184,6 +186,7 @@ def test_killed_rank_restarts_from_checkpoint_and_matches_uninterrupted_run(tmp_
     assert_same_run(tmp_path / "ddp", reference_dir, reference, initial)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_deepspeed_zero1_bf16_two_ranks_matches_one_process(tmp_path):
     """`deepspeed --num_gpus 2 --module unidml train ... --deepspeed zero1.json` (2 CPU ranks, bf16 through
@@ -215,6 +218,7 @@ def test_deepspeed_zero1_bf16_two_ranks_matches_one_process(tmp_path):
     assert rows[-1]["train_loss"] == pytest.approx(want_rows[-1]["train_loss"], rel=5e-2)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_deepspeed_resume_skips_a_corrupt_tag_and_reaches_the_same_parameters(tmp_path):
     """One-process DeepSpeed (ZeRO-1, fp32): after a finished 2-epoch run, the newest DeepSpeed tag is

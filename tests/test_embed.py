@@ -120,6 +120,7 @@ def test_embed_folder_and_list_inputs(checkpoint, tmp_path):
         command(embed, ["--checkpoint", str(checkpoint), "--images", str(tmp_path / "bad.csv"), "--out", "z"])
 
 
+@pytest.mark.slow
 def test_index_and_search_with_it_agree_with_exact_search(checkpoint, tmp_path, capsys):
     from unidml.run_config import load_for_inference
 
@@ -139,6 +140,7 @@ def test_index_and_search_with_it_agree_with_exact_search(checkpoint, tmp_path, 
     assert all(query not in line for line in with_index)  # the query itself is never a hit
 
 
+@pytest.mark.slow
 def test_two_ranks_shard_the_chunks_and_write_the_same_file(checkpoint, tmp_path):
     """torchrun with 2 gloo ranks on CPU: each rank embeds every other chunk; rank 0 merges."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -62,6 +62,7 @@ def step_gradients(t: Trainer, images: torch.Tensor, labels: torch.Tensor, seed:
     return {n: p.grad.clone() for n, p in t.module.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("loss", [{"name": "cross_entropy", "dropout": 0.3}, {"name": "multi_similarity"}])
 def test_embed_chunks_give_the_full_batch_gradient(tmp_path, loss):
@@ -156,6 +157,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_crash_then_corrupt_checkpoint_resume_matches_uninterrupted_run(tmp_path, caplog):
     """Run A: 3 epochs straight (with engine.profile=true: traces and the projector snapshot).
@@ -199,6 +201,7 @@ def test_crash_then_corrupt_checkpoint_resume_matches_uninterrupted_run(tmp_path
         assert ea.get("train_loss") == pytest.approx(eb.get("train_loss"))
 
 
+@pytest.mark.slow
 def test_grad_accum_leftover_steps_at_the_epoch_end_with_the_mean_over_its_group(tmp_path):
     """4 micro-batches with grad_accum=3: steps after micro-batches 3 and 4, the second with the
     gradient of the mean loss over its one micro-batch (not 1/3 of it, nor carried into the next epoch).

@@ -68,6 +68,7 @@ def test_eval_saved_embeddings(tmp_path):
         command(evaluate, ["--embeddings", str(tmp_path / "bad.npz")])
 
 
+@pytest.mark.slow
 def test_search_contact_sheet_lists_the_brute_force_neighbours(run_dir, tmp_path, capsys):
     gallery = sorted(str(p.resolve()) for p in (run_dir / "data" / "images").rglob("*.jpg"))
     query = gallery[7]

@@ -192,6 +192,7 @@ def test_single_process_neighbours_equal_the_float64_brute_force():
     np.testing.assert_array_equal(got["qg_knn"], brute_force_topk(t[:50], t[50:], 30, "euclidean")[1])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharded_evaluation_is_bit_identical_to_one_process_and_equals_brute_force(world, tmp_path):

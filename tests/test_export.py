@@ -52,6 +52,7 @@ def reference(checkpoint: Path, images: torch.Tensor) -> np.ndarray:
         return model.float()(images).numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", EXPORT_FORMATS.names())
 def test_export_matches_pytorch_on_other_batch_sizes(checkpoint, fmt, tmp_path, capsys):
     out = tmp_path / f"net.{fmt}"

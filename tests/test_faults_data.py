@@ -56,6 +56,7 @@ PEAK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_decompression_bomb_never_raises_peak_memory_above_2gb(bomb_sop, backend):
     """ru_maxrss is a high-water mark of the whole process (and of its exited workers): a ceiling

@@ -14,6 +14,7 @@ from unidml.runtime import peers
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_a_killed_rank_is_named_by_its_peer_in_one_line(tmp_path):
     """Two gloo processes; rank 1 SIGKILLs itself at its first step after the epoch-0 checkpoint
     (UNIDML_TEST_KILL). Rank 0's next collective fails: one line, exit code 1, no traceback."""

@@ -220,6 +220,7 @@ def test_a_diverging_model_stops_in_one_line_and_keeps_the_last_good_checkpoint(
     assert last["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_resume_continues(world, monkeypatch):
     out = world.root / "diskfull"
     monkeypatch.setenv(faults.CHECKPOINT_ENV_VAR, "2:writing:enospc")  # the epoch-1 checkpoint
@@ -241,6 +242,7 @@ def _copy_run(w: World, name: str) -> Path:
     return target
 
 
+@pytest.mark.slow
 def test_a_resume_past_a_corrupt_last_pt_keeps_the_good_generation(world):
     """last.pt cut in half: the run resumes from prev.pt (epoch 1), and the unreadable file is moved
     aside instead of becoming prev.pt at the next save: afterwards last.pt and prev.pt both load."""
@@ -256,6 +258,7 @@ def test_a_resume_past_a_corrupt_last_pt_keeps_the_good_generation(world):
     assert epochs(out) == epochs(world.reference)  # epoch 2 retrained from epoch 1 to the same figures
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_during_the_checkpoint_write_is_one_line(world):
     """The real torch writer under a real RLIMIT_FSIZE (a child process; SIGXFSZ ignored, so write(2)
     returns EFBIG): one line, recorded in train.log, and metrics.json lists no epoch that no checkpoint
@@ -395,6 +398,7 @@ def _recovers(w: World, run_dir: Path) -> None:
     assert not [p for p in run_dir.rglob("*.tmp")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_kill_inside_a_checkpoint_write_loses_nothing(world, seed):
     rng = np.random.default_rng(seed)
@@ -408,6 +412,7 @@ def test_a_kill_inside_a_checkpoint_write_loses_nothing(world, seed):
     _recovers(world, run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [3, 4])
 def test_a_second_writer_is_refused_and_a_kill_at_a_random_time_loses_nothing(world, seed):
     run_dir = world.root / f"killed_at_random_{seed}"

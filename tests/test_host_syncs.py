@@ -103,6 +103,7 @@ def triton_syncs(work: str) -> None:
     print(json.dumps({name: step_syncs(work, name, "triton", warm=False) for name in TRITON}))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_one_host_sync_per_step_triton_interpreter(tmp_path):
     pytest.importorskip("triton")

@@ -337,6 +337,7 @@ def mixed_dtype_check() -> None:
                 _close(got_grads[2], want_grads[2], f"{what} dbias")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_triton_interpreter_matches_reference():
     pytest.importorskip("triton")

@@ -43,6 +43,7 @@ def compile_all() -> None:
             assert compiled.asm["cubin"], f"{name} {dot}: no cubin"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_kernels_compile_for_sm90():
     pytest.importorskip("triton")

@@ -3,6 +3,7 @@ import pytest
 from triton_interpreter import assert_runs_interpreted
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("which", ["random", "edge", "mixed"])
 def test_triton_interpreter_matches_reference(which):

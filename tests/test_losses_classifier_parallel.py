@@ -147,6 +147,7 @@ def _check_against_one_process(ranks, world):
                 _assert_close(got[key], p.grad[s:s + got[key].shape[0]], f"{name} d{key} rank {r} of {world}")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_sharded_head_equals_one_process_and_reshards(tmp_path):
     two = _spawn(2, tmp_path)

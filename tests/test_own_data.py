@@ -65,6 +65,7 @@ def test_csv_of_absolute_paths_trains_with_the_list_recipe(tmp_path, capsys, cap
     assert stored["root"] == "" and stored["list_file"] == str(csv)  # absolute: valid from any directory
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_train_and_test_class_folders_train_with_the_folder_recipe(tmp_path, capsys, monkeypatch):
     _images(tmp_path / "shop" / "train", range(6))

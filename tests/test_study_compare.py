@@ -87,6 +87,7 @@ def test_a_directory_of_another_config_is_refused(tmp_path):
     assert run_state(run.run_dir, run.cfg) == "done"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tiny_study_end_to_end_and_resumable(tmp_path, monkeypatch, capsys):
     out = tmp_path / "study"

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 import yaml
 
 from unidml.study.compare import LossPlan
@@ -168,6 +169,7 @@ def table(path: Path) -> list[dict]:
     return list(csv.DictReader(path.open()))
 
 
+@pytest.mark.slow
 def test_a_killed_study_resumes_to_the_same_tables_without_retraining(tmp_path):
     code, log = compare(tmp_path, tmp_path / "straight", trials=2, trial_epochs=2)
     assert code == 0, log
@@ -190,6 +192,7 @@ def test_a_killed_study_resumes_to_the_same_tables_without_retraining(tmp_path):
         assert (tmp_path / "killed" / f"{png}.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_sqlite_study_without_duplicates(tmp_path):
     out = tmp_path / "shared"
     workers = [compare(tmp_path, out, trials=3, trial_epochs=1, wait=False) for _ in range(2)]

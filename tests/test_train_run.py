@@ -27,6 +27,7 @@ def make_trainer(run_dir: Path, overrides: list[str]) -> Trainer:
     return Trainer(cfg, run_dir, init_distributed("cpu"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_short_run_learns_writes_outputs_and_reloads(tmp_path):
     run = tmp_path / "run"
@@ -60,6 +61,7 @@ def test_short_run_learns_writes_outputs_and_reloads(tmp_path):
         assert torch.equal(trained(images), reloaded(images))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_resume_rules(tmp_path):
     overrides = tiny_overrides(tmp_path / "data") + ["train.epochs=1"]

@@ -1,6 +1,7 @@
 """What a run leaves behind (rank 0 only): metrics.json, PNG plots, and what its trackers receive
 (`log.trackers`: TensorBoard by default, MLflow, W&B; `unidml.engine.trackers`).
 
+`plots/recall_at_k.png` and `plots/train_loss.png` are drawn by `run_plots`.
 `metrics.json` holds one entry per evaluated epoch (`epoch`, `recall@K`..., `map@r`,
 `r_precision`, the query counts `num_queries`, `excluded_queries`, `unreadable_images`, and every
 evaluated split under `splits`), the `best` entry with the protocol that selected it, training
@@ -20,9 +21,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from matplotlib.figure import Figure  # drawn without pyplot: no GUI backend is chosen or needed
 from omegaconf import DictConfig, OmegaConf
 
+from unidml.engine.run_plots import plot_recall, plot_train_loss
 from unidml.engine.trackers import FINISHED, IDS_FILE, RunLabels, Trackers, open_trackers, status_of
 from unidml.errors import UserError
 
@@ -145,21 +146,12 @@ class RunRecord:
     def _plot(self) -> None:
         if not self.history:
             return
-        epochs = [entry["epoch"] for entry in self.history]
-        ks = sorted({int(k.split("@")[1]) for entry in self.history for k in entry if k.startswith("recall@")})
-        fig = Figure(figsize=(6, 4))
-        ax = fig.subplots()
-        for k in ks:
-            values = [entry.get(f"recall@{k}", float("nan")) for entry in self.history]
-            ax.plot(epochs, values, marker="o", label=f"R@{k}")
-        ax.set_xlabel("epoch (0 = before training)")
-        ax.set_ylabel(f"{self.selection_split} Recall@K (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        (self.run_dir / "plots").mkdir(exist_ok=True)
-        write_atomic(lambda tmp: fig.savefig(tmp, dpi=100, format="png"), self.run_dir / "plots" / "recall_at_k.png")
+        plots = self.run_dir / "plots"
+        plots.mkdir(exist_ok=True)
+        best = self.best()
+        plot_recall(self.history, self.selection_split, best["epoch"] if best else None, plots / "recall_at_k.png",
+                    write_atomic)
+        plot_train_loss(self.history, plots / "train_loss.png", write_atomic)
 
     def summary(self) -> dict[str, Any]:
         """The selected epoch for the trackers: `best/epoch`, `best/selected_by`, `best/checkpoint` (its path)

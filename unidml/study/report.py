@@ -219,7 +219,21 @@ def markdown(results: Sequence[LossResult], rows: list[dict[str, Any]], metrics:
         lines += ["## Failed or missing runs (no result is reported for them)", ""]
         lines += [f"- {f}" for f in failures] + [""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    lines += _run_plot_links(results)
     return "\n".join(lines)
+
+
+def _run_plot_links(results: Sequence[LossResult]) -> list[str]:
+    """Links to each retraining's own plots (Recall@K of the selection and test splits, training loss)."""
+    links = []
+    for r in results:
+        for s in r.seeds:
+            if s.directory is None or not (s.directory / "plots").is_dir():
+                continue
+            base = f"{s.directory.parent.name}/{s.directory.name}/plots"
+            files = [f"[{p.stem}]({base}/{p.name})" for p in sorted((s.directory / "plots").glob("*.png"))]
+            links.append(f"- {r.loss} seed {s.seed}: " + ", ".join(files))
+    return ["## Plots of each retraining", ""] + links + [""] if links else []
 
 
 def _tuning_sections(results: Sequence[LossResult], objective: str) -> list[str]:
@@ -389,14 +403,19 @@ def plot_tuning(results: Sequence[LossResult], objective: str, path: Path) -> Pa
     return _save(fig, path)
 
 
+def report_rows(results: Sequence[LossResult], baselines: dict[str, list[dict]] | None = None
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(one summary row per loss, one per reference baseline) as the report's tables show them."""
+    return summary_rows(_runs(results)), summary_rows({name: runs for name, runs in (baselines or {}).items() if runs})
+
+
 def write_report(out: Path, results: Sequence[LossResult], header: dict[str, Any], protocol: str,
                  objective: str = "recall@1", baselines: dict[str, list[dict]] | None = None) -> dict[str, Path]:
     """Write `summary.md`, `summary.csv`, `trials.csv`, `hyperparameters.csv` and the plots into `out`;
     `baselines` (reference name -> runs shaped like `_runs`'s) become rows of the tables and CSV."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = _runs(results)
-    rows = summary_rows(metrics)
-    baseline_rows = summary_rows({name: runs for name, runs in (baselines or {}).items() if runs})
+    rows, baseline_rows = report_rows(results, baselines)
     paths: dict[str, Path] = {}
     if rows:
         splits = splits_of(metrics)

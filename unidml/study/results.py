@@ -3,7 +3,7 @@ with the budget each consumed (epochs trained, images seen), from the study data
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,6 +47,7 @@ class SeedRow:
     history: list[dict]
     selected: dict | None
     usage: Usage
+    directory: Path | None = None  # the retraining's run directory (its metrics.json and plots/)
 
 
 @dataclass
@@ -125,6 +126,7 @@ def collect(settings: StudySettings, plans: Sequence[LossPlan], studies: LossStu
                 result.chosen = next(r for r in result.trials if r.slot == int(best.user_attrs[SLOT]))
         for seed in range(settings.seeds):
             directory = run_dir(settings.out, Task(plan.loss, "seed", seed))
-            result.seeds.append(_seed_row(directory, seed, settings.objective, select_split))
+            row = _seed_row(directory, seed, settings.objective, select_split)
+            result.seeds.append(replace(row, directory=directory))
         results.append(result)
     return results

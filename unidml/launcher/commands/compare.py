@@ -14,6 +14,7 @@ naming MLflow or W&B, every trial and retraining is a run of the study's group t
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 
@@ -106,14 +107,16 @@ def protocol_text(settings, select: str, epochs: int) -> str:
 def run(args: argparse.Namespace) -> int:
     from unidml.extras import require
 
+    started = time.perf_counter()
     require("optuna", "unidml compare")  # the study database and the tuner
     from unidml.config import check_trackers
     from unidml.engine.distributed import init_distributed, shutdown
     from unidml.launcher.logs import setup_logging
+    from unidml.launcher.summary import study_summary
     from unidml.run_config import load_run_config
     from unidml.study.baselines import RAW_PIXELS, UNTRAINED, as_runs, epoch0_entries, raw_pixel_metrics
     from unidml.study.compare import describe, parse_losses, plan_losses
-    from unidml.study.report import write_report
+    from unidml.study.report import report_rows, write_report
     from unidml.study.results import collect
     from unidml.study.tracking import StudyGroup
     from unidml.study.tuning import LossStudies, StudySettings, StudyWorker, default_storage
@@ -156,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if group is not None:
         group.close([path for path in sorted(out.glob("*")) if path.suffix in (".md", ".csv", ".png")])
     empty = [r.loss for r in results if not r.finished_seeds]
+    print(study_summary([row for part in report_rows(results, baselines) for row in part], "test",
+                        time.perf_counter() - started))
     print(f"report: {paths['markdown']} | {paths['csv']}" + (f" | no result for {', '.join(empty)}" if empty else ""))
     return 1 if empty else 0
 

@@ -8,7 +8,9 @@ evaluation and a final line with the test metrics at the selected epoch; `RUN_DI
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import time
 from pathlib import Path
 
 log = logging.getLogger("unidml.train")
@@ -55,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
     from unidml.engine.distributed import init_distributed, shutdown
     from unidml.engine.trainer import Trainer
     from unidml.launcher.logs import setup_logging
+    from unidml.launcher.summary import run_summary
     from unidml.run_config import load_run_config
 
+    started = time.perf_counter()
     overrides = list(args.overrides)
     if args.deepspeed:
         overrides += ["engine.backend=deepspeed", f"engine.deepspeed_config={args.deepspeed}"]
@@ -73,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     result = trainer.fit()
     shutdown(env)
     if env.is_main and result["best"] is not None:
+        print(run_summary(json.loads((run_dir / "metrics.json").read_text()), time.perf_counter() - started))
         line = final_line(run_dir, result["best"])
         print(line)
         with open(run_dir / "train.log", "a", encoding="utf-8") as handle:

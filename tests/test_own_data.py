@@ -37,6 +37,7 @@ def _train(recipe: str, out: Path, *overrides: str) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_csv_of_absolute_paths_trains_with_the_list_recipe(tmp_path, capsys, caplog, monkeypatch):
     rows = _images(tmp_path / "photos", range(CLASSES))

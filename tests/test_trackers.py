@@ -50,6 +50,7 @@ def train(root: Path, *overrides: str) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_mlflow_receives_config_scalars_epochs_best_and_files_and_a_resume_continues_it(tmp_path):
     run_dir = train(tmp_path, "log.trackers=[tensorboard,mlflow]", store(tmp_path))
@@ -70,7 +71,7 @@ def test_mlflow_receives_config_scalars_epochs_best_and_files_and_a_resume_conti
     assert run.data.metrics["best/test/recall_at_1"] == best["splits"]["test"]["recall@1"]
     assert run.data.tags["best/checkpoint"] == str((run_dir / "checkpoints" / "best.pt").resolve())
     assert {a.path for a in mlflow.list_artifacts(run_id)} >= {"metrics.json", "config.yaml", "train.log", "plots"}
-    assert [a.path for a in mlflow.list_artifacts(run_id, "plots")] == ["plots/recall_at_k.png"]
+    assert [a.path for a in mlflow.list_artifacts(run_id, "plots")] == ["plots/recall_at_k.png", "plots/train_loss.png"]
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tb").iterdir())  # TensorBoard too
 
     train(tmp_path, "log.trackers=[tensorboard,mlflow]", store(tmp_path), "train.resume=auto", "train.epochs=3")
@@ -116,6 +117,7 @@ def test_a_missing_tracker_package_is_one_line_before_training(tmp_path, module,
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_two_rank_gloo_run_logs_once(tmp_path):
     from test_dist_runs import child_env
@@ -130,6 +132,7 @@ def test_a_two_rank_gloo_run_logs_once(tmp_path):
     assert [m.step for m in client(tmp_path).get_metric_history(run.info.run_id, "eval_val/recall_at_1")] == [0, 1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_study_logs_each_trial_and_retraining_as_a_child_of_its_parent_run(tmp_path):
     pytest.importorskip("optuna")

@@ -17,12 +17,14 @@ from unidml.config.schema import (
     MAX_PIXELS_LIMIT,
     METRICS,
     PRECISIONS,
+    RERANKS,
     STUDY_SECTION,
     ConfigError,
     DataConfig,
     EngineConfig,
     EvalConfig,
     ModelConfig,
+    RerankConfig,
     RunConfig,
     SyntheticConfig,
     TrainConfig,
@@ -30,8 +32,8 @@ from unidml.config.schema import (
 
 __all__ = [
     "AUTO_PRECISION", "CHOICES", "EVAL_METRICS", "MAX_PIXELS_LIMIT", "METRICS", "POSITIVE", "PRECISIONS",
-    "STUDY_SECTION", "VALUE_RULES",
-    "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "ModelConfig", "RunConfig", "RuntimeEnv",
+    "RERANKS", "STUDY_SECTION", "VALUE_RULES",
+    "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "ModelConfig", "RerankConfig", "RunConfig", "RuntimeEnv",
     "SyntheticConfig", "TrainConfig", "check_runtime", "load_config", "load_config_text", "parse_override",
     "to_yaml", "validate",
 ]

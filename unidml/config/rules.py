@@ -8,7 +8,15 @@ from typing import Any, Callable, Protocol, Union
 
 from omegaconf import DictConfig, OmegaConf
 
-from unidml.config.schema import AUTO_PRECISION, EVAL_METRICS, MAX_PIXELS_LIMIT, METRICS, PRECISIONS, ConfigError
+from unidml.config.schema import (
+    AUTO_PRECISION,
+    EVAL_METRICS,
+    MAX_PIXELS_LIMIT,
+    METRICS,
+    PRECISIONS,
+    RERANKS,
+    ConfigError,
+)
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("sop", "inshop", "cub", "cars", "list", "folder", "synthetic", "glyphs"),
@@ -23,12 +31,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "engine.device": ("auto", "cpu", "cuda"),
     "eval.metric": METRICS,
     "eval.split": ("test", "val"),
+    "eval.rerank.name": RERANKS,
 }
 
 POSITIVE: tuple[str, ...] = (
     "data.image_size", "data.resize_size", "data.m_per_class", "train.batch_size", "train.grad_accum",
     "engine.embed_chunks", "engine.max_skipped_steps", "eval.every", "eval.memory_budget_mb",
     "eval.batch_size", "data.synthetic.classes", "data.synthetic.per_class", "data.synthetic.size",
+    "eval.rerank.k1", "eval.rerank.k2", "eval.rerank.candidates", "eval.rerank.top_n",
 )
 
 
@@ -100,6 +110,8 @@ VALUE_RULES: dict[str, Callable[[Any], str | None]] = {
     "eval.metrics": _members(EVAL_METRICS),
     # exact search needs a fixed 24 MiB working set on the CPU (16 on a GPU) plus its query rows
     "eval.memory_budget_mb": _finite(32),
+    "eval.rerank.lambda_value": _finite(0, 1),
+    "eval.rerank.alpha": _finite(0),
 }
 
 
@@ -141,6 +153,7 @@ def validate(cfg: DictConfig, source: Source = "<config>") -> None:
     _check_values(cfg, source)
     if cfg.eval.split == "val" and cfg.data.val_classes == 0:
         raise _fail(source, "eval.split", "'val' needs a validation split (data.val_classes > 0)")
+    _validate_rerank(cfg.eval, source)
     if cfg.engine.backend == "deepspeed":
         if not cfg.engine.deepspeed_config:
             raise _fail(source, "engine.deepspeed_config", "engine.backend=deepspeed needs a "
@@ -155,6 +168,22 @@ def validate(cfg: DictConfig, source: Source = "<config>") -> None:
             raise _fail(source, "loss.head_parallel", "a class-sharded head is not supported with "
                         "engine.backend=deepspeed (DeepSpeed replicates every parameter); use ddp")
     _validate_optimizer(cfg, source)
+
+
+def _validate_rerank(eval_cfg: DictConfig, source: Source) -> None:
+    """Combinations of the re-ranking keys with the rest of `eval` (docs/design.md, "Re-ranking")."""
+    rerank = eval_cfg.rerank
+    if rerank.name == "k_reciprocal" and rerank.k2 > rerank.k1 + 1:
+        raise _fail(source, "eval.rerank.k2", f"must be at most eval.rerank.k1 + 1 = {rerank.k1 + 1} (the local "
+                    f"query expansion averages a point's own k1-neighbourhood), got {rerank.k2}")
+    if rerank.name in ("query_expansion", "database_augmentation") and eval_cfg.metric != "cosine":
+        raise _fail(source, "eval.rerank.name", f"{rerank.name} averages unit vectors weighted by their cosine "
+                    f"similarity: it needs eval.metric=cosine")
+    full_ranking = [m for m in eval_cfg.metrics if m in ("map", "mrr")]
+    if rerank.name == "k_reciprocal" and full_ranking:
+        raise _fail(source, "eval.metrics", f"{', '.join(full_ranking)} rank the whole gallery, but k_reciprocal "
+                    f"re-orders only each query's top eval.rerank.candidates; leave them out or use another "
+                    f"eval.rerank.name")
 
 
 def _validate_optimizer(cfg: DictConfig, source: Source) -> None:

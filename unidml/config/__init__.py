@@ -17,6 +17,7 @@ from unidml.config.schema import (
     MAX_PIXELS_LIMIT,
     METRICS,
     PRECISIONS,
+    RERANKS,
     STUDY_SECTION,
     TRACKERS,
     ConfigError,
@@ -25,6 +26,7 @@ from unidml.config.schema import (
     EvalConfig,
     LogConfig,
     ModelConfig,
+    RerankConfig,
     RunConfig,
     SyntheticConfig,
     TrainConfig,
@@ -32,8 +34,8 @@ from unidml.config.schema import (
 
 __all__ = [
     "AUTO_PRECISION", "CHOICES", "EVAL_METRICS", "MAX_PIXELS_LIMIT", "METRICS", "POSITIVE", "PRECISIONS",
-    "STUDY_SECTION", "TRACKERS", "VALUE_RULES",
-    "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "LogConfig", "ModelConfig", "RunConfig",
-    "RuntimeEnv", "SyntheticConfig", "TrainConfig", "check_runtime", "check_trackers", "load_config",
+    "RERANKS", "STUDY_SECTION", "TRACKERS", "VALUE_RULES",
+    "ConfigError", "DataConfig", "EngineConfig", "EvalConfig", "LogConfig", "ModelConfig", "RerankConfig",
+    "RunConfig", "RuntimeEnv", "SyntheticConfig", "TrainConfig", "check_runtime", "check_trackers", "load_config",
     "load_config_text", "parse_override", "to_yaml", "validate",
 ]

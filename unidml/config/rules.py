@@ -14,6 +14,7 @@ from unidml.config.schema import (
     MAX_PIXELS_LIMIT,
     METRICS,
     PRECISIONS,
+    RERANKS,
     TRACKERS,
     ConfigError,
 )
@@ -30,12 +31,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "eval.metric": METRICS,
     "eval.split": ("test", "val"),
     "log.wandb.mode": ("auto", "online", "offline"),
+    "eval.rerank.name": RERANKS,
 }
 
 POSITIVE: tuple[str, ...] = (
     "data.image_size", "data.resize_size", "data.m_per_class", "train.batch_size", "train.grad_accum",
     "engine.embed_chunks", "engine.max_skipped_steps", "eval.every", "eval.memory_budget_mb",
     "eval.batch_size", "data.synthetic.classes", "data.synthetic.per_class", "data.synthetic.size",
+    "eval.rerank.k1", "eval.rerank.k2", "eval.rerank.candidates", "eval.rerank.top_n",
 )
 
 
@@ -111,6 +114,8 @@ VALUE_RULES: dict[str, Callable[[Any], str | None]] = {
     "log.trackers": _members(TRACKERS),  # [] logs to the run directory only (no TensorBoard)
     # exact search needs a fixed 24 MiB working set on the CPU (16 on a GPU) plus its query rows
     "eval.memory_budget_mb": _finite(32),
+    "eval.rerank.lambda_value": _finite(0, 1),
+    "eval.rerank.alpha": _finite(0),
 }
 
 
@@ -161,6 +166,7 @@ def validate(cfg: DictConfig, source: Source = "<config>") -> None:
     _check_values(cfg, source)
     if cfg.eval.split == "val" and cfg.data.val_classes == 0:
         raise _fail(source, "eval.split", "'val' needs a validation split (data.val_classes > 0)")
+    _validate_rerank(cfg.eval, source)
     if cfg.engine.backend == "deepspeed":
         if not cfg.engine.deepspeed_config:
             raise _fail(source, "engine.deepspeed_config", "engine.backend=deepspeed needs a "
@@ -175,6 +181,22 @@ def validate(cfg: DictConfig, source: Source = "<config>") -> None:
             raise _fail(source, "loss.head_parallel", "a class-sharded head is not supported with "
                         "engine.backend=deepspeed (DeepSpeed replicates every parameter); use ddp")
     _validate_optimizer(cfg, source)
+
+
+def _validate_rerank(eval_cfg: DictConfig, source: Source) -> None:
+    """Combinations of the re-ranking keys with the rest of `eval` (docs/design.md, "Re-ranking")."""
+    rerank = eval_cfg.rerank
+    if rerank.name == "k_reciprocal" and rerank.k2 > rerank.k1 + 1:
+        raise _fail(source, "eval.rerank.k2", f"must be at most eval.rerank.k1 + 1 = {rerank.k1 + 1} (the local "
+                    f"query expansion averages a point's own k1-neighbourhood), got {rerank.k2}")
+    if rerank.name in ("query_expansion", "database_augmentation") and eval_cfg.metric != "cosine":
+        raise _fail(source, "eval.rerank.name", f"{rerank.name} averages unit vectors weighted by their cosine "
+                    f"similarity: it needs eval.metric=cosine")
+    full_ranking = [m for m in eval_cfg.metrics if m in ("map", "mrr")]
+    if rerank.name == "k_reciprocal" and full_ranking:
+        raise _fail(source, "eval.metrics", f"{', '.join(full_ranking)} rank the whole gallery, but k_reciprocal "
+                    f"re-orders only each query's top eval.rerank.candidates; leave them out or use another "
+                    f"eval.rerank.name")
 
 
 def _validate_optimizer(cfg: DictConfig, source: Source) -> None:

@@ -23,6 +23,8 @@ STUDY_SECTION = "search"
 EVAL_METRICS: tuple[str, ...] = ("recall", "map_at_r", "r_precision", "map", "mrr", "nmi")
 # Experiment trackers `log.trackers` may name (implemented in `unidml.engine.trackers`).
 TRACKERS: tuple[str, ...] = ("tensorboard", "mlflow", "wandb")
+# Re-rankings `eval.rerank.name` may name (computed in `unidml.evaluation.rerank`).
+RERANKS: tuple[str, ...] = ("none", "k_reciprocal", "query_expansion", "database_augmentation")
 # The largest image accepted (`data.max_pixels`): PIL's decompression-bomb limit, 2 x
 # PIL.Image.MAX_IMAGE_PIXELS, above which PIL refuses to open a file, so the limit means the same
 # in both loaders (see unidml.data_pipeline.images).
@@ -125,6 +127,19 @@ class EngineConfig:
 
 
 @dataclass
+class RerankConfig:
+    """Re-ranking after the exact k-NN (docs/design.md, "Re-ranking"); each method reads its own keys."""
+
+    name: str = "none"
+    k1: int = 20  # k_reciprocal: the k of the k-reciprocal sets (Zhong et al. 2017)
+    k2: int = 6  # k_reciprocal: neighbours averaged in the local query expansion (1 = none)
+    lambda_value: float = 0.3  # k_reciprocal: weight of the original distance against the Jaccard distance
+    candidates: int = 100  # k_reciprocal: each query's top neighbours re-ordered (at least the k the metrics need)
+    top_n: int = 2  # query_expansion / database_augmentation: neighbours averaged in
+    alpha: float = 3.0  # query_expansion / database_augmentation: neighbour weight max(similarity, 0)^alpha
+
+
+@dataclass
 class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     every: int = 1
@@ -133,6 +148,7 @@ class EvalConfig:
     batch_size: int = 256
     metrics: list[str] = field(default_factory=lambda: ["recall", "map_at_r", "r_precision"])
     split: str = "val"  # the split whose Recall@1 selects the best epoch (test: the paper's protocol)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
 
 
 @dataclass

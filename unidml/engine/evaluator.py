@@ -11,9 +11,10 @@ import itertools
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from unidml.config import RerankConfig
 from unidml.data_pipeline import build_eval_loader
 from unidml.data_pipeline.dataset import DatasetDescription, ImageSet
 from unidml.engine.distributed import DistEnv
@@ -96,11 +97,12 @@ class Evaluator:
         out of queries and gallery and counted (`unreadable_images`). An eval.* setting the retrieval
         cannot use is one line."""
         eval_cfg = self.cfg.eval
+        rerank = RerankConfig(**OmegaConf.to_container(eval_cfg.rerank))
         try:
             return {name: evaluate_model(model, query, gallery, ks=list(eval_cfg.ks), metrics=list(eval_cfg.metrics),
                                          metric=str(eval_cfg.metric), memory_budget_mb=float(eval_cfg.memory_budget_mb),
                                          device=self.env.device, precision=self.precision,
-                                         names=self._names(name))
+                                         names=self._names(name), rerank=rerank)
                     for name, (query, gallery) in self.loaders.items()}
         except ValueError as exc:
             if isinstance(exc, UserError):

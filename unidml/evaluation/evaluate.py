@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from unidml.config import METRICS
+from unidml.config import METRICS, RerankConfig
 from unidml.errors import EvaluationError
 from unidml.evaluation.distributed import Collectives
+from unidml.evaluation.rerank import NO_RERANK
 from unidml.evaluation.retrieval import DEFAULT_KS, DEFAULT_METRICS, sharded_retrieval_metrics
 from unidml.runtime.collectives import process_group_active, rank
 from unidml.runtime.precision import Precision, as_precision
@@ -120,7 +121,8 @@ def evaluate_model(model: torch.nn.Module, query_loader: Iterable, gallery_loade
                    ks: Sequence[int] = DEFAULT_KS, metrics: Sequence[str] = DEFAULT_METRICS,
                    metric: str = "cosine", memory_budget_mb: float = 1024, device: torch.device | str = "cpu",
                    precision: Precision | str = "auto",
-                   names: tuple[str, str] = ("the query", "the gallery")) -> dict[str, float]:
+                   names: tuple[str, str] = ("the query", "the gallery"),
+                   rerank: RerankConfig = NO_RERANK) -> dict[str, float]:
     """Retrieval metrics of `model` (percent; see `retrieval_metrics` for the keys).
 
     Each rank iterates its own shard loader yielding `(images, labels, global indices)`. Queries are
@@ -129,7 +131,8 @@ def evaluate_model(model: torch.nn.Module, query_loader: Iterable, gallery_loade
     `gallery_loader=None` evaluates the query set against itself. Cosine evaluation L2-normalises the
     embeddings; Euclidean uses them as they are. Images a loader could not read are neither queries
     nor references (never substituted); `unreadable_images` counts them. Non-finite embeddings stop
-    with one line naming the set (`names`, e.g. "split 'test'").
+    with one line naming the set (`names`, e.g. "split 'test'"). `rerank`: the re-ranking of the
+    neighbour lists (`evaluation.rerank`), the same for any shard count.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
@@ -150,5 +153,5 @@ def evaluate_model(model: torch.nn.Module, query_loader: Iterable, gallery_loade
     result = sharded_retrieval_metrics(queries.vectors, queries.labels, queries.indices, shard_vectors, shard.labels,
                                        shard.indices, self_retrieval=gallery_loader is None, ks=ks, metrics=metrics,
                                        metric=metric, memory_budget_mb=memory_budget_mb, device=device, comm=comm,
-                                       names=names)
+                                       names=names, rerank=rerank)
     return {**result, "unreadable_images": unreadable}

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from unidml.config import METRICS
+from unidml.evaluation.distributed import Collectives
 from unidml.evaluation.scoring import (
     THREADS,
     TILE_BYTES,
@@ -351,3 +352,18 @@ def query_block_size(num_queries: int, k: int, world_size: int, dim: int, memory
         raise ValueError(f"eval.memory_budget_mb={memory_budget_mb} is too small for k={k}, dim={dim} "
                          f"(needs at least {(fixed + per_row) / 2**20:.1f})")
     return max(1, min(num_queries, budget // per_row))
+
+
+def iter_sharded_topk(queries: np.ndarray, query_ids: np.ndarray, index: ShardIndex, k: int, *,
+                      self_retrieval: bool, memory_budget_mb: float, comm: Collectives) -> Iterator[tuple[int, TopK]]:
+    """(first row, exact merged top-k) for each block of queries; every rank must call it alike."""
+    fetch = k + int(self_retrieval)
+    block = query_block_size(len(queries), fetch, comm.world_size, queries.shape[1], memory_budget_mb, index.on_gpu)
+    budget_bytes = int(memory_budget_mb * 2**20)
+    for start in range(0, len(queries), block):
+        stop = min(start + block, len(queries))
+        top = index.search(queries[start:stop], fetch, budget_bytes)
+        if self_retrieval:
+            top = drop_self(top, query_ids[start:stop], k)
+        parts = [TopK(s, i) for s, i in zip(comm.all_gather_equal(top.scores), comm.all_gather_equal(top.ids))]
+        yield start, merge_topk(parts, k)

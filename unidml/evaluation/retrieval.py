@@ -8,21 +8,15 @@ not passed: global ids need not be contiguous, and a left-out row is neither a q
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from unidml.config import RerankConfig
 from unidml.errors import EvaluationError
 from unidml.evaluation.distributed import Collectives
-from unidml.evaluation.knn import (
-    METRICS,
-    ShardIndex,
-    TopK,
-    drop_self,
-    merge_topk,
-    query_block_size,
-)
+from unidml.evaluation.knn import METRICS, ShardIndex, TopK, merge_topk
 from unidml.evaluation.metrics import (
     NMI,
     RANK_METRICS,
@@ -35,6 +29,7 @@ from unidml.evaluation.metrics import (
     required_k,
     to_style,
 )
+from unidml.evaluation.rerank import NO_RERANK, rerank_search
 from unidml.evaluation.scoring import l2_normalize
 
 DEFAULT_KS = (1, 10, 100)
@@ -71,21 +66,6 @@ def check_finite(vectors: np.ndarray, name: str, comm: Collectives, sharded: boo
     if counts[0]:
         raise EvaluationError(f"evaluation: {counts[0]} of {counts[1]} rows of {name} embeddings are "
                               f"non-finite (diverged model?)")
-
-
-def iter_sharded_topk(queries: np.ndarray, query_ids: np.ndarray, index: ShardIndex, k: int, *,
-                      self_retrieval: bool, memory_budget_mb: float, comm: Collectives) -> Iterator[tuple[int, TopK]]:
-    """(first row, exact merged top-k) for each block of queries; every rank must call it alike."""
-    fetch = k + int(self_retrieval)
-    block = query_block_size(len(queries), fetch, comm.world_size, queries.shape[1], memory_budget_mb, index.on_gpu)
-    budget_bytes = int(memory_budget_mb * 2**20)
-    for start in range(0, len(queries), block):
-        stop = min(start + block, len(queries))
-        top = index.search(queries[start:stop], fetch, budget_bytes)
-        if self_retrieval:
-            top = drop_self(top, query_ids[start:stop], k)
-        parts = [TopK(s, i) for s, i in zip(comm.all_gather_equal(top.scores), comm.all_gather_equal(top.ids))]
-        yield start, merge_topk(parts, k)
 
 
 def _same_label_positions(shard_labels: np.ndarray, query_labels: np.ndarray, width: int, index: ShardIndex,
@@ -130,15 +110,20 @@ def relevant_ranks(queries: np.ndarray, query_ids: np.ndarray, query_labels: np.
 
 def sharded_knn(queries: np.ndarray, query_ids: np.ndarray, shard: np.ndarray, shard_ids: np.ndarray, k: int, *,
                 self_retrieval: bool, metric: str = "cosine", memory_budget_mb: float = 1024,
-                device: torch.device | str = "cpu", comm: Collectives | None = None) -> TopK:
+                device: torch.device | str = "cpu", comm: Collectives | None = None,
+                rerank: RerankConfig = NO_RERANK) -> TopK:
     """Exact top-k neighbours (global ids, ties by smaller id, float64 scores) of all queries over the
-    sharded gallery; the same ids for any shard count, block size and hardware."""
+    sharded gallery; the same ids for any shard count, block size and hardware. With `rerank`, the
+    lists after that re-ranking (`evaluation.rerank`; k-reciprocal scores are minus its final distance)."""
     comm = comm or Collectives(distributed=False)
     check_finite(queries, "the query", comm, sharded=False)
     check_finite(shard, "the gallery", comm, sharded=True)
     index = ShardIndex(shard, shard_ids, metric, device)
-    blocks = [top for _, top in iter_sharded_topk(queries, query_ids, index, k, self_retrieval=self_retrieval,
-                                                  memory_budget_mb=memory_budget_mb, comm=comm)]
+    references = int(np.sum(comm.all_gather_equal(np.array([len(shard_ids)], np.int64)))) - int(self_retrieval)
+    search = rerank_search(rerank, queries, query_ids, shard, shard_ids, index, k, references=references,
+                           self_retrieval=self_retrieval, metric=metric, memory_budget_mb=memory_budget_mb,
+                           device=device, comm=comm)
+    blocks = [top for _, top in search.blocks()]
     if not blocks:
         return TopK(np.zeros((0, k), np.float64), np.zeros((0, k), np.int64))
     return TopK(np.concatenate([b.scores for b in blocks]), np.concatenate([b.ids for b in blocks]))
@@ -149,17 +134,22 @@ def sharded_retrieval_metrics(queries: np.ndarray, query_labels: np.ndarray, que
                               self_retrieval: bool, ks: Sequence[int], metrics: Sequence[str],
                               metric: str, memory_budget_mb: float, device: torch.device | str,
                               comm: Collectives, style: str = "percent",
-                              names: tuple[str, str] = ("the query", "the gallery")) -> dict[str, float]:
+                              names: tuple[str, str] = ("the query", "the gallery"),
+                              rerank: RerankConfig = NO_RERANK) -> dict[str, float]:
     """Metrics of all queries (held by every rank) against the gallery spread over the ranks.
 
     In self-retrieval the query and gallery index spaces are the same and a query's own index is
     excluded from its neighbours. Vectors are used as given (cosine expects L2-normalised rows).
     Non-finite rows, or Recall@K with K above the references a query has, stop with an
     `EvaluationError` (one line; `names` name the two sets in it, e.g. "split 'test'").
-    `style`: see `metrics.to_style`.
+    `style`: see `metrics.to_style`. `rerank`: the re-ranking the top-k lists get (`evaluation.rerank`;
+    k_reciprocal re-orders only the top candidates, so it refuses the full-ranking `map` and `mrr`).
     The returned dict is the same on every rank.
     """
     check_request(ks, metrics, style)
+    if rerank.name == "k_reciprocal" and any(m in RANK_METRICS for m in metrics):
+        raise ValueError("map and mrr rank the whole gallery; k_reciprocal re-orders only each query's top "
+                         "candidates (leave them out)")
     if style == "pml":
         ks = (1,)  # PML reports Recall@1 only, as precision_at_1
     check_finite(queries, names[0], comm, sharded=False)
@@ -175,13 +165,15 @@ def sharded_retrieval_metrics(queries: np.ndarray, query_labels: np.ndarray, que
     k = required_k(ks, metrics, width, references)
     label_of = LabelLookup(gallery_ids, gallery_labels)
     accumulator = MetricAccumulator(ks, metrics)
-    for start, top in iter_sharded_topk(queries, query_ids, index, k, self_retrieval=self_retrieval,
-                                        memory_budget_mb=memory_budget_mb, comm=comm):
+    search = rerank_search(rerank, queries, query_ids, shard, shard_ids, index, k, references=references,
+                           self_retrieval=self_retrieval, metric=metric, memory_budget_mb=memory_budget_mb,
+                           device=device, comm=comm)
+    for start, top in search.blocks():
         stop = start + len(top.ids)
         ranks = None
         if any(m in RANK_METRICS for m in metrics):
-            ranks = relevant_ranks(queries[start:stop], query_ids[start:stop], query_labels[start:stop], index,
-                                   shard_labels, width, self_retrieval=self_retrieval,
+            ranks = relevant_ranks(search.queries[start:stop], query_ids[start:stop], query_labels[start:stop],
+                                   search.index, shard_labels, width, self_retrieval=self_retrieval,
                                    memory_budget_mb=memory_budget_mb, comm=comm)
         accumulator.add(label_of(top.ids) == query_labels[start:stop, None], relevant[start:stop], ranks)
     result = accumulator.result()
@@ -219,7 +211,8 @@ def retrieval_metrics(query: torch.Tensor | np.ndarray, query_labels: torch.Tens
                       ks: Sequence[int] = DEFAULT_KS, metrics: Sequence[str] = DEFAULT_METRICS,
                       metric: str = "cosine", memory_budget_mb: float = 1024, *, style: str = "percent",
                       query_valid: np.ndarray | torch.Tensor | None = None,
-                      gallery_valid: np.ndarray | torch.Tensor | None = None) -> dict[str, float]:
+                      gallery_valid: np.ndarray | torch.Tensor | None = None,
+                      rerank: RerankConfig = NO_RERANK) -> dict[str, float]:
     """Recall@K, MAP@R, R-Precision (and `map`, `mrr`, `nmi` if asked) of saved embeddings, in one process.
 
     `gallery=None` means self-retrieval (each query searched among the others, itself excluded by
@@ -239,7 +232,8 @@ def retrieval_metrics(query: torch.Tensor | np.ndarray, query_labels: torch.Tens
     `query_valid` / `gallery_valid`: optional boolean masks; rows marked False (unreadable images, say)
     are left out entirely, neither queries nor references (in self-retrieval `query_valid` covers both).
     Non-finite rows that are not masked out stop with an `EvaluationError`, as does Recall@K with K
-    larger than the references a query has.
+    larger than the references a query has. `rerank` re-ranks every query's neighbours first
+    (`evaluation.rerank`, e.g. `RerankConfig(name="k_reciprocal")`).
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got '{metric}'")
@@ -259,4 +253,4 @@ def retrieval_metrics(query: torch.Tensor | np.ndarray, query_labels: torch.Tens
     return sharded_retrieval_metrics(q[q_rows], q_labels[q_rows], q_rows, g[g_rows], g_labels[g_rows], g_rows,
                                      self_retrieval=self_retrieval, ks=ks, metrics=metrics, metric=metric,
                                      memory_budget_mb=memory_budget_mb, device="cpu",
-                                     comm=Collectives(distributed=False), style=style)
+                                     comm=Collectives(distributed=False), style=style, rerank=rerank)

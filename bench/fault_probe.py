@@ -33,6 +33,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "quickstart.yaml")
 TIMEOUT_S = 300
+# Cases that inject a fault run the test-only entry (tests/fault_injection.py: the product reads no fault
+# settings) instead of `python -m unidml`, with the spec in one of these variables.
+FAULT_ENTRY = str(REPO / "tests" / "fault_injection.py")
+FAULT_VARIABLES = {"UNIDML_TEST_CHECKPOINT_FAULT", "UNIDML_TEST_KILL"}
 
 
 @dataclass
@@ -80,7 +84,8 @@ class Probe:
     def unidml(self, argv: list[str], env: dict[str, str] | None = None,
                preexec: Callable[[], None] | None = None) -> Outcome:
         child_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-        done = subprocess.run([sys.executable, "-m", "unidml", *argv], env=child_env, capture_output=True,
+        entry = [FAULT_ENTRY] if env and set(env) & FAULT_VARIABLES else ["-m", "unidml"]
+        done = subprocess.run([sys.executable, *entry, *argv], env=child_env, capture_output=True,
                               text=True, timeout=TIMEOUT_S, preexec_fn=preexec)
         return Outcome(done.returncode, done.stderr)
 
@@ -235,7 +240,7 @@ def lost_rank(p: Probe) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    argv = [sys.executable, "-m", "unidml", *p.train(p.work / "ddp", "engine.backend=ddp")]
+    argv = [sys.executable, FAULT_ENTRY, *p.train(p.work / "ddp", "engine.backend=ddp")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": port, "WORLD_SIZE": "2", "UNIDML_TEST_KILL": f"1:0:{p.work / 'rank_marker'}"}
     ranks = [subprocess.Popen(argv, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fault_injection
 import pytest
 import torch
 
@@ -174,13 +175,13 @@ def test_two_torchrun_agents_ddp_matches_one_process(tmp_path, fp32_reference):
 @pytest.mark.timeout(300)
 def test_killed_rank_restarts_from_checkpoint_and_matches_uninterrupted_run(tmp_path, fp32_reference):
     """torchrun --max-restarts 1; rank 1 SIGKILLs itself mid-epoch 2, after the epoch-1 checkpoint
-    (test hook UNIDML_TEST_KILL). The group restarts, resumes (train.resume=auto) and ends exactly
+    (tests/fault_injection.py). The group restarts, resumes (train.resume=auto) and ends exactly
     where the uninterrupted run ends."""
     reference_dir, overrides, reference, initial = fp32_reference
     marker = tmp_path / "killed"
-    command = ["torchrun", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
-               *unidml_train(tmp_path / "ddp", overrides), "train.resume=auto"]
-    text = run_agents([command], tmp_path, child_env(UNIDML_TEST_KILL=f"1:1:{marker}"), timeout=240)
+    command = ["torchrun", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1", fault_injection.SCRIPT,
+               *unidml_train(tmp_path / "ddp", overrides)[2:], "train.resume=auto"]  # the script instead of -m unidml
+    text = run_agents([command], tmp_path, child_env(**{fault_injection.KILL: f"1:1:{marker}"}), timeout=240)
     assert marker.is_file(), "the fault was not injected"
     assert "resumed from" in text and "at epoch 1, step 2" in text
     assert_same_run(tmp_path / "ddp", reference_dir, reference, initial)

@@ -1,6 +1,6 @@
 """Crash safety of checkpoint writes, the run-directory lock and guard, and one-line load refusals.
 
-Kills land at every named point of `checkpoint.save_epoch` (via `UNIDML_TEST_CHECKPOINT_FAULT`) in a
+Kills land at every named point of `checkpoint.save_epoch` (tests/fault_injection.py) in a
 forked child; afterwards `last.pt` must be a complete checkpoint (the old or the new one).
 """
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fault_injection import inject_checkpoint_fault
 
-from unidml.engine import checkpoint, faults
+from unidml.engine import checkpoint
 from unidml.engine.run_dir import RunDirLocked, claim_run_dir, existing_run, run_lock
 from unidml.errors import UserError
 
@@ -41,10 +42,9 @@ def _write_three(directory: Path) -> None:
 
 @pytest.fixture
 def fault(monkeypatch):
-    """Arm `UNIDML_TEST_CHECKPOINT_FAULT` with a fresh write counter."""
+    """Observe this test's checkpoint writes with `N:STAGE:ACTION` (writes counted from this call)."""
     def arm(spec: str) -> None:
-        monkeypatch.setenv(faults.CHECKPOINT_ENV_VAR, spec)
-        monkeypatch.setitem(faults._writes, "count", 0)
+        inject_checkpoint_fault(spec, monkeypatch.setattr)
     return arm
 
 
@@ -55,7 +55,7 @@ def _generations(directory: Path) -> tuple[int, int]:
     return checkpoint.load(last)["step"], checkpoint.load(prev)["step"]
 
 
-@pytest.mark.parametrize("stage", faults.CHECKPOINT_STAGES)
+@pytest.mark.parametrize("stage", checkpoint.WRITE_STAGES)
 def test_a_kill_anywhere_in_a_checkpoint_write_leaves_a_complete_last_pt(tmp_path, stage, fault):
     directory = tmp_path / "checkpoints"
     fault(f"3:{stage}:kill")
@@ -87,7 +87,7 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, fault):
     assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "last.pt", "prev.pt"]  # no temp file left
 
 
-@pytest.mark.parametrize("stage", faults.CHECKPOINT_STAGES[:-1])
+@pytest.mark.parametrize("stage", checkpoint.WRITE_STAGES[:-1])
 def test_a_failure_at_any_stage_keeps_two_distinct_generations(tmp_path, stage, fault):
     """ENOSPC at every point of the sequence: last.pt and prev.pt stay two different files (never two
     names of one), and the message says "intact" only while the new file is not yet in place."""

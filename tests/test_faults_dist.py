@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fault_injection
 import pytest
 from test_dist_runs import child_env, free_port
 
@@ -17,17 +18,17 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_a_killed_rank_is_named_by_its_peer_in_one_line(tmp_path):
     """Two gloo processes; rank 1 SIGKILLs itself at its first step after the epoch-0 checkpoint
-    (UNIDML_TEST_KILL). Rank 0's next collective fails: one line, exit code 1, no traceback."""
+    (tests/fault_injection.py). Rank 0's next collective fails: one line, exit code 1, no traceback."""
     port = str(free_port())
     tiny = [f"data.root={tmp_path / 'data'}", "data.synthetic.classes=8", "data.synthetic.per_class=8",
             "data.image_size=32", "data.resize_size=32", "data.num_workers=0", "data.backend=torchvision",
             "train.batch_size=16", "train.warmup_iters=2", "train.epochs=2", "engine.backend=ddp",
             "engine.device=cpu", "engine.precision=fp32"]
-    argv = [sys.executable, "-m", "unidml", "train", "--config", str(REPO / "configs" / "quickstart.yaml"),
+    argv = [sys.executable, fault_injection.SCRIPT, "train", "--config", str(REPO / "configs" / "quickstart.yaml"),
             "--out", str(tmp_path / "run"), *tiny]
     ranks = [subprocess.Popen(argv, env=child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(r),
                                                   WORLD_SIZE="2", LOCAL_RANK=str(r),
-                                                  UNIDML_TEST_KILL=f"1:0:{tmp_path / 'killed'}"),
+                                                  **{fault_injection.KILL: f"1:0:{tmp_path / 'killed'}"}),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     try:
         outputs = [p.communicate(timeout=300) for p in ranks]

@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fault_injection import inject_checkpoint_fault
 from test_eval_oracle import brute_force_metrics
 from test_faults_fixtures import write_bomb
 
-from unidml.engine import faults
+from unidml.engine import checkpoint
 from unidml.engine.run_dir import LOCK_NAME, existing_run
 from unidml.launcher.cli import main
 
@@ -223,14 +224,13 @@ def test_a_diverging_model_stops_in_one_line_and_keeps_the_last_good_checkpoint(
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_and_resume_continues(world, monkeypatch):
     out = world.root / "diskfull"
-    monkeypatch.setenv(faults.CHECKPOINT_ENV_VAR, "2:writing:enospc")  # the epoch-1 checkpoint
-    monkeypatch.setitem(faults._writes, "count", 0)
+    inject_checkpoint_fault("2:writing:enospc", monkeypatch.setattr)  # the epoch-1 checkpoint
     code, _, err = cli(world.train(out))
     line = error_line(err)
     assert code == 2 and line.endswith("(free space, then rerun with train.resume=auto)") and "disk full" in line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 0
-    monkeypatch.delenv(faults.CHECKPOINT_ENV_VAR)
+    monkeypatch.undo()
     assert cli(world.train(out, "train.resume=auto"))[0] == 0
     assert epochs(out) == epochs(world.reference)
 
@@ -365,9 +365,11 @@ CONTEXT = multiprocessing.get_context("forkserver")
 CONTEXT.set_forkserver_preload(["torch", "torchvision", "unidml.launcher.cli", "unidml.engine.trainer"])
 
 
-def _cli_child(argv: list[str], log: str, env: dict[str, str]) -> None:
-    """`unidml ARGV` with output to `log` (runs in a process forked from the fork server)."""
-    os.environ.update(env)
+def _cli_child(argv: list[str], log: str, checkpoint_fault: str | None) -> None:
+    """`unidml ARGV` with output to `log` (runs in a process forked from the fork server), its checkpoint
+    writes observed by `checkpoint_fault` when given (tests/fault_injection.py)."""
+    if checkpoint_fault:
+        inject_checkpoint_fault(checkpoint_fault)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -377,8 +379,8 @@ def _cli_child(argv: list[str], log: str, env: dict[str, str]) -> None:
     os._exit(code)
 
 
-def _start(argv: list, log: Path, env: dict[str, str] | None = None):
-    process = CONTEXT.Process(target=_cli_child, args=([str(a) for a in argv], str(log), env or {}))
+def _start(argv: list, log: Path, checkpoint_fault: str | None = None):
+    process = CONTEXT.Process(target=_cli_child, args=([str(a) for a in argv], str(log), checkpoint_fault))
     process.start()
     return process
 
@@ -402,10 +404,10 @@ def _recovers(w: World, run_dir: Path) -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_kill_inside_a_checkpoint_write_loses_nothing(world, seed):
     rng = np.random.default_rng(seed)
-    write, stage = int(rng.integers(1, 4)), str(rng.choice(faults.CHECKPOINT_STAGES))  # 3 writes: epochs 0, 1, 2
+    write, stage = int(rng.integers(1, 4)), str(rng.choice(checkpoint.WRITE_STAGES))  # 3 writes: epochs 0, 1, 2
     run_dir = world.root / f"killed_in_write_{seed}"
     child = _start(world.train(run_dir), world.root / f"kill{seed}.log",
-                   {faults.CHECKPOINT_ENV_VAR: f"{write}:{stage}:kill"})
+                   f"{write}:{stage}:kill")
     child.join(timeout=600)
     # best_linked only happens when that epoch is the best so far: otherwise the run ends normally
     assert child.exitcode == -signal.SIGKILL or (stage == "best_linked" and child.exitcode == 0)

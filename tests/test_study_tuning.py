@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fault_injection
 import optuna
 import pytest
 import yaml
@@ -153,7 +154,8 @@ def variants(tmp_path) -> Path:
 
 
 def compare(tmp_path, out, trials, trial_epochs, env=None, wait=True):
-    args = [sys.executable, "-m", "unidml", "compare", "--config", str(QUICKSTART), "--losses", "ce",
+    entry = [fault_injection.SCRIPT] if env else ["-m", "unidml"]  # a fault spec in `env` needs the test entry
+    args = [sys.executable, *entry, "compare", "--config", str(QUICKSTART), "--losses", "ce",
             "--trials", str(trials), "--trial-epochs", str(trial_epochs), "--seeds", "1", "--out", str(out),
             "--variants", str(variants(tmp_path)), "--poll-seconds", "0.5",
             *[a for item in [f"data.root={tmp_path / 'data'}", *TINY] for a in ("--set", item)]]
@@ -175,7 +177,7 @@ def test_a_killed_study_resumes_to_the_same_tables_without_retraining(tmp_path):
     assert code == 0, log
     # checkpoints are written after epochs 0, 1, 2 of each run: the 5th write is trial 1's epoch 1
     code, log = compare(tmp_path, tmp_path / "killed", trials=2, trial_epochs=2,
-                        env={"UNIDML_TEST_CHECKPOINT_FAULT": "5:done:kill"})
+                        env={fault_injection.CHECKPOINT_FAULT: "5:done:kill"})
     assert code == -9, log
     trial0 = tmp_path / "killed" / "cross_entropy" / "trial0" / "metrics.json"
     before = (trial0.stat().st_mtime_ns, trial0.read_text())

@@ -21,13 +21,12 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from unidml.engine import faults
 from unidml.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,6 +41,16 @@ ZIP_MAGIC = b"PK\x03\x04"  # every file torch.save writes is a zip archive
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used (missing, truncated, corrupt, unsafe or not ours) or written."""
+
+
+# The named points of a checkpoint write, in order (see `save_epoch`). An observer is called at each one;
+# the crash-safety tests pass one that kills the process or fails as a full disk would at a chosen point.
+WRITE_STAGES = ("writing", "written", "best_linked", "prev_linked", "last_renamed", "done")
+WriteObserver = Callable[[str], None]
+
+
+def unobserved(stage: str) -> None:
+    """The observer of a normal write: nothing happens at any stage."""
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -85,17 +94,17 @@ def _write_failed(path: Path, exc: OSError) -> CheckpointError:
     return CheckpointError(f"{path}: cannot write the checkpoint ({exc.strerror or exc})")
 
 
-def _write_temp(state: dict[str, Any], path: Path) -> Path:
+def _write_temp(state: dict[str, Any], path: Path, observe: WriteObserver) -> Path:
     """`state` serialised into a fsynced temp file beside `path` (removed again on any failure)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path.parent, path.name)
     try:
         with open(tmp, "wb") as handle:
             torch.save({"format": FORMAT, **state}, handle)
-            faults.checkpoint_point("writing")
+            observe("writing")
             handle.flush()
             os.fsync(handle.fileno())
-        faults.checkpoint_point("written")
+        observe("written")
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         os_error = _os_error(exc) if isinstance(exc, Exception) else None
@@ -132,9 +141,9 @@ def _link_into_place(source: Path, target: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def save_atomic(state: dict[str, Any], path: Path) -> None:
+def save_atomic(state: dict[str, Any], path: Path, observe: WriteObserver = unobserved) -> None:
     """Write `state` to `path` so that a crash leaves either the old file or the new one, never half."""
-    tmp = _write_temp(state, path)
+    tmp = _write_temp(state, path, observe)
     try:
         os.replace(tmp, path)
     except OSError as exc:
@@ -143,25 +152,25 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     _fsync_directory(path.parent)
 
 
-def save_epoch(state: dict[str, Any], directory: Path, is_best: bool) -> Path:
+def save_epoch(state: dict[str, Any], directory: Path, is_best: bool, observe: WriteObserver = unobserved) -> Path:
     """Save `state` as the new `last.pt` (and `best.pt` when `is_best`), keeping the current
     `last.pt` as `prev.pt`. Written once; every later step is a link or a rename, so a kill or a
     failure at any point leaves a complete `last.pt` (the old or the new one), a distinct older
     `prev.pt`, and at most stray temp files."""
     last, prev = directory / "last.pt", directory / "prev.pt"
-    tmp = _write_temp(state, last)
+    tmp = _write_temp(state, last, observe)
     kept: Path | None = None  # the current last.pt under a temp name, until it replaces prev.pt
     placed = False
     try:
         if is_best:
             _link_into_place(tmp, directory / "best.pt")
-            faults.checkpoint_point("best_linked")
+            observe("best_linked")
         if last.exists():
             kept = _second_name(last, prev)
-            faults.checkpoint_point("prev_linked")
+            observe("prev_linked")
         os.replace(tmp, last)
         placed = True
-        faults.checkpoint_point("last_renamed")
+        observe("last_renamed")
         if kept is not None:
             os.replace(kept, prev)
     except OSError as exc:
@@ -174,7 +183,7 @@ def save_epoch(state: dict[str, Any], directory: Path, is_best: bool) -> Path:
         if kept is not None:  # renaming one link of a file over another leaves both
             kept.unlink(missing_ok=True)
     _fsync_directory(directory)
-    faults.checkpoint_point("done")
+    observe("done")
     return last
 
 

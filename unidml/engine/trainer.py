@@ -27,7 +27,6 @@ from unidml.engine.backends import build_backend
 from unidml.engine.distributed import DistEnv, mean_over_ranks
 from unidml.engine.embed_chunks import chunked_step, chunking_record
 from unidml.engine.evaluator import Evaluator
-from unidml.engine.faults import KillSwitch
 from unidml.engine.guards import RunGuard
 from unidml.engine.meter import StepMeter
 from unidml.engine.profiling import device_memory_mib, step_profiler
@@ -87,7 +86,6 @@ class Trainer:
         self.guard = RunGuard(cfg.engine.max_skipped_steps, self.record, run_dir / "checkpoints")
         self.epoch = 0
         self.step = 0
-        self.kill_switch = KillSwitch.from_env(env.rank)
 
     # ------------------------------------------------------------- checkpoint
     def _state(self) -> dict:
@@ -190,8 +188,6 @@ class Trainer:
             meter.add({"train_loss": loss, **self._loss_terms()})
             if ends_step:
                 profile_step()
-                if self.kill_switch is not None:
-                    self.kill_switch.after_step(epoch)
             meter.done(stepped=ends_step)
             if ends_step and (self.step % cfg.train.log_every == 0 or micro + 1 == num_micro):
                 self._log_step(meter, loss, grad_norm)

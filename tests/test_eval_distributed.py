@@ -6,15 +6,14 @@ Metric values are compared to 1e-9 (float64 sums of the same per-query fractions
 """
 from __future__ import annotations
 
-import os
 import pickle
 import socket
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo_workers import run_on_gloo_rank
 from test_eval_oracle import brute_force_metrics, brute_force_topk, clustered_with_duplicates, exact_ties
 
 from unidml.errors import EvaluationError
@@ -134,19 +133,7 @@ def run_cases(rank: int, world: int) -> dict:
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    import faiss
-
-    faiss.omp_set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = run_cases(rank, world)
-        dist.barrier()  # no rank tears gloo down while another still talks to it
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
+    run_on_gloo_rank(run_cases, rank, world, port, out_dir)
 
 
 def free_port() -> int:

@@ -12,14 +12,13 @@ Sharded runs (2 gloo processes) must give the one-process lists bit for bit.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 
 import numpy as np
 import pytest
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from command_helpers import command, write_untrained_checkpoint
+from gloo_workers import run_on_gloo_rank
 from test_eval_distributed import free_port
 from test_eval_oracle import stored_vectors
 
@@ -214,20 +213,7 @@ def sharded_cases(comm: Collectives | None, rank: int, world: int) -> dict:
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    import faiss
-    import torch
-
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = sharded_cases(Collectives(distributed=True), rank, world)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
+    run_on_gloo_rank(lambda r, w: sharded_cases(Collectives(distributed=True), r, w), rank, world, port, out_dir)
 
 
 @pytest.mark.timeout(300)

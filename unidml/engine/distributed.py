@@ -8,7 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from unidml.runtime.collectives import process_group_active
+from unidml.runtime.collectives import backend_for, process_group_active
 from unidml.runtime.device import choose_device
 from unidml.runtime.peers import record_peers
 
@@ -59,8 +59,7 @@ def init_distributed(requested_device: str = "auto", local_rank_arg: int | None 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not process_group_active():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=TIMEOUT,
+        dist.init_process_group(backend=backend_for(device), rank=rank, world_size=world_size, timeout=TIMEOUT,
                                 store=_restart_scoped_store(world_size))
         record_peers()  # rank -> host, for the line naming a lost rank
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)

@@ -14,6 +14,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 
+def backend_for(device: torch.device) -> str:
+    """The process-group backend for a process computing on `device`: NCCL for CUDA, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def process_group_active() -> bool:
     """True when torch.distributed is initialised (a group of one process included)."""
     return dist.is_available() and dist.is_initialized()

@@ -32,7 +32,7 @@ from unidml.engine.backends.base import StepOutcome
 from unidml.engine.distributed import DistEnv
 from unidml.engine.optim import build_optimizer, build_scheduler
 from unidml.errors import UserError
-from unidml.runtime.collectives import barrier, process_group_active
+from unidml.runtime.collectives import backend_for, barrier, process_group_active
 from unidml.runtime.precision import precision_of
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ class DeepSpeedBackend:
         import deepspeed
 
         if not process_group_active():  # a one-process DeepSpeed run still needs a process group
-            backend = "nccl" if env.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+            dist.init_process_group(backend_for(env.device), init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1)
         for key, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank)):
             os.environ.setdefault(key, str(value))  # DeepSpeed reads them even when the group exists
         self.env = env

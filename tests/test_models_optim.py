@@ -81,7 +81,7 @@ def test_adamw_and_sgd_step_and_the_schedule_scales_every_group():
 
 @pytest.mark.parametrize("override, fragment", [
     ("train.layer_decay=0", "train.layer_decay"), ("train.loss_lr_mult=-1", "train.loss_lr_mult"),
-    ("train.momentum=0", "train.nesterov"), ("train.optimizer=lamb", "train.optimizer"),
+    ("train.momentum=0", "train.nesterov"), ("train.optimizer=adagrad", "train.optimizer"),
     ("model.pooling=max", "model.pooling"),
 ])
 def test_optimizer_keys_are_validated(override, fragment):

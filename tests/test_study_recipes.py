@@ -1,5 +1,6 @@
 """The dataset recipes: they hold the authors' settings, validate with every loss variant, and train one
 step on a tiny fixture tree of their dataset's format (small images, ResNet-18, no pretrained weights)."""
+import math
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from test_data_fixtures import make_cars, make_cub, make_inshop, make_sop
 
 from unidml.config.schema import OPTIMIZER_DEFAULTS
 from unidml.engine.distributed import init_distributed
+from unidml.engine.optim import effective_lr
 from unidml.engine.trainer import Trainer
 from unidml.run_config import load_run_config
 from unidml.study.compare import REPO_VARIANTS, plan_study
@@ -46,9 +48,16 @@ def test_large_batch_recipe_scales_the_recipe(name):
     small = load_run_config(CONFIGS / f"{name}.yaml")
     large = load_run_config(CONFIGS / f"{name}_large_batch.yaml")
     assert large.train.batch_size >= 1024 and large.engine.backend == "ddp"
-    assert large.train.lr == pytest.approx(small.train.lr * large.train.batch_size / small.train.batch_size)
+    # LAMB with its rate stated at the reference batch and scaled by the square root (You et al. 2020)
+    assert (large.train.optimizer, large.train.lr_scaling) == ("lamb", "sqrt")
+    assert effective_lr(large.train) == pytest.approx(
+        large.train.lr * math.sqrt(large.train.batch_size / large.train.lr_reference_batch))
+    assert (large.train.momentum, large.train.nesterov, large.train.eps) == (0.0, False, 1e-6)  # no SGD key leaks
     assert large.train.warmup_iters > small.train.warmup_iters
     assert (large.data, large.model, large.loss, large.eval) == (small.data, small.model, small.loss, small.eval)
+    header = (CONFIGS / f"{name}_large_batch.yaml").read_text()  # the comment states what the file sets
+    assert f"global batch of {large.train.batch_size} images" in header
+    assert f"to {effective_lr(large.train):.4f} at {large.train.batch_size}" in header
 
 
 @pytest.mark.parametrize("name", ["cub", "sop_large_batch"])  # the recipes differ in batch size only: 128, 2048

@@ -11,8 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 from unidml.config.schema import (
     AUTO_PRECISION,
     EVAL_METRICS,
+    LR_SCALINGS,
     MAX_PIXELS_LIMIT,
     METRICS,
+    OPTIMIZER_DEFAULTS,
     PRECISIONS,
     RERANKS,
     TRACKERS,
@@ -25,7 +27,8 @@ from unidml.registry import CONFIG_CHOICES, choices
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_error": ("skip", "fail"),
     "data.train_resize": ("none", "shorter", "square"),
-    "train.optimizer": ("sgd", "adamw"),
+    "train.optimizer": tuple(OPTIMIZER_DEFAULTS),
+    "train.lr_scaling": LR_SCALINGS,
     "engine.precision": (*PRECISIONS, AUTO_PRECISION),
     "engine.device": ("auto", "cpu", "cuda"),
     "eval.metric": METRICS,
@@ -36,6 +39,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 POSITIVE: tuple[str, ...] = (
     "data.image_size", "data.resize_size", "data.m_per_class", "train.batch_size", "train.grad_accum",
+    "train.lr_reference_batch",
     "engine.embed_chunks", "engine.max_skipped_steps", "eval.every", "eval.memory_budget_mb",
     "eval.batch_size", "data.synthetic.classes", "data.synthetic.per_class", "data.synthetic.size",
     "eval.rerank.k1", "eval.rerank.k2", "eval.rerank.candidates", "eval.rerank.top_n",
@@ -73,6 +77,13 @@ def _pair_rule(low: float, high: float):
     return rule
 
 
+def _betas_rule(value: list[float]) -> str | None:
+    """Adam's two moment decay rates [beta1, beta2], each in [0, 1)."""
+    if len(value) == 2 and all(math.isfinite(v) and 0 <= v < 1 for v in value):
+        return None
+    return f"must be two numbers [beta1, beta2], each in [0, 1), got {list(value)}"
+
+
 def _jitter_rule(value: list[float]) -> str | None:
     if len(value) == 4 and all(math.isfinite(v) and v >= 0 for v in value) and value[3] <= 0.5:
         return None
@@ -100,6 +111,9 @@ VALUE_RULES: dict[str, Callable[[Any], str | None]] = {
     "train.lr": _finite(0, low_open=True),
     "train.weight_decay": _finite(0),
     "train.momentum": _finite(0, 1, high_open=True),
+    "train.betas": _betas_rule,
+    "train.eps": _finite(0, low_open=True),
+    "train.trust_coefficient": _finite(0, low_open=True),  # LARS's eta
     "train.warmup_iters": _finite(0),
     "train.grad_clip": _finite(0),  # 0 = off
     "train.log_every": _finite(1),
@@ -209,6 +223,18 @@ def _validate_optimizer(cfg: DictConfig, source: Source) -> None:
             raise _fail(source, f"train.{key}", f"must be >= 0, got {train[key]}")
     if train.nesterov and (train.optimizer != "sgd" or train.momentum <= 0):
         raise _fail(source, "train.nesterov", "needs train.optimizer=sgd with train.momentum > 0")
+    if train.momentum and train.optimizer == "lamb":
+        raise _fail(source, "train.momentum", "train.optimizer=lamb does not read it (its first moment decays "
+                    "at train.betas[0]); set train.momentum=0")
+    if train.optimizer in ("lars", "lamb"):
+        # the trust ratio needs each whole tensor: a class shard, or ZeRO's flattened partitions, would
+        # each get their own ratio
+        if cfg.loss.get("head_parallel", False):
+            raise _fail(source, "loss.head_parallel", f"train.optimizer={train.optimizer} needs whole tensors "
+                        f"for its layer-wise trust ratio, a class-sharded head holds a shard per rank")
+        if cfg.engine.backend == "deepspeed":
+            raise _fail(source, "engine.backend", f"train.optimizer={train.optimizer} needs whole tensors for "
+                        f"its layer-wise trust ratio, DeepSpeed's ZeRO steps flattened ones; use engine.backend=ddp")
     if cfg.model.gem_p <= 0:
         raise _fail(source, "model.gem_p", f"must be > 0, got {cfg.model.gem_p}")
 

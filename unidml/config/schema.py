@@ -31,11 +31,22 @@ RERANKS: tuple[str, ...] = ("none", "k_reciprocal", "query_expansion", "database
 MAX_PIXELS_LIMIT = 178_956_970
 
 
-# What choosing `train.optimizer` brings when the config does not say: SGD as in the paper's
-# cross-entropy recipe (momentum 0.9, Nesterov); AdamW has neither (torch's own betas and eps).
+# The optimizer keys of `train` at the values no optimizer reads (momentum off), as in `TrainConfig`.
+_OPTIMIZER_KEYS: dict[str, Any] = {"momentum": 0.0, "nesterov": False, "betas": [0.9, 0.999], "eps": 1e-8,
+                                   "trust_coefficient": 0.001}
+# What choosing `train.optimizer` brings when the config does not say: every optimizer key, at that
+# optimizer's own default where it reads the key and at the neutral value above where it does not. SGD as
+# in the paper's cross-entropy recipe (momentum 0.9, Nesterov); AdamW with torch's own betas and eps; LARS
+# with momentum 0.9 and trust coefficient 0.001 (You et al. 2017); LAMB with eps 1e-6 (You et al. 2020).
 # Applied by the loader when a layer switches the optimizer, so the previous one's keys never leak.
-OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {"sgd": {"momentum": 0.9, "nesterov": True},
-                                                 "adamw": {"momentum": 0.0, "nesterov": False}}
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sgd": {**_OPTIMIZER_KEYS, "momentum": 0.9, "nesterov": True},
+    "adamw": dict(_OPTIMIZER_KEYS),
+    "lars": {**_OPTIMIZER_KEYS, "momentum": 0.9, "trust_coefficient": 0.001},
+    "lamb": {**_OPTIMIZER_KEYS, "eps": 1e-6},
+}
+# train.lr_scaling: how the learning rate follows the global batch (`unidml.engine.optim.scaled_lr`).
+LR_SCALINGS: tuple[str, ...] = ("none", "linear", "sqrt")
 
 
 class ConfigError(UserError):
@@ -96,9 +107,16 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 0.02
     optimizer: str = "sgd"
-    momentum: float = 0.0
-    nesterov: bool = False
+    momentum: float = 0.0  # SGD and LARS
+    nesterov: bool = False  # SGD only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW and LAMB
+    eps: float = 1e-8  # AdamW and LAMB
+    trust_coefficient: float = 0.001  # LARS: eta of the trust ratio
     weight_decay: float = 5e-4
+    # the learning rate is train.lr at lr_reference_batch images per optimizer step, scaled to the run's
+    # (batch_size x grad_accum) linearly, by its square root, or not at all (none)
+    lr_scaling: str = "none"
+    lr_reference_batch: int = 256
     backbone_lr_mult: float = 1.0
     head_lr_mult: float = 1.0
     loss_lr_mult: float = 1.0

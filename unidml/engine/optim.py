@@ -1,4 +1,5 @@
-"""Optimizer (SGD or AdamW) over per-group learning rates, and the per-iteration warm-up + cosine schedule.
+"""Optimizer (SGD, AdamW, LARS or LAMB) over per-group learning rates, the learning rate's scaling with the
+global batch, and the per-iteration warm-up + cosine schedule.
 
 Parameters fall into three roles, each with its own learning-rate multiplier: the embedding
 network's backbone (`train.backbone_lr_mult`), its head — pooling, projection, embedding BN —
@@ -7,7 +8,8 @@ network's backbone (`train.backbone_lr_mult`), its head — pooling, projection,
 `train.layer_decay` < 1, backbone layer l of L (0 = input side, numbered by the backbone family)
 learns at `layer_decay ** (L - l)` times the backbone rate (layer-wise decay as in BEiT/timm).
 Weight decay applies to matrices and kernels only: biases, norm parameters (1-d) and the
-backbone's exempt tensors (position embeddings, class tokens) are not decayed.
+backbone's exempt tensors (position embeddings, class tokens) are not decayed, and LARS and LAMB do
+not adapt their updates layer-wise either (`layer_adaptation`, `engine.large_batch_optim`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from unidml.engine.large_batch_optim import Lamb, Lars, fused_lamb
 from unidml.errors import UserError
 from unidml.models import EmbeddingNet
 
@@ -45,7 +48,8 @@ def _roles(module: nn.Module) -> dict[str, tuple[str, int, bool, EmbeddingNet | 
 
 def optimizer_groups(module: nn.Module, lr: float, weight_decay: float, *, backbone_lr_mult: float = 1.0,
                      head_lr_mult: float = 1.0, loss_lr_mult: float = 1.0, layer_decay: float = 1.0) -> list[dict]:
-    """Parameter groups of `module` (a model, or model and loss together), each with its `lr` and `weight_decay`.
+    """Parameter groups of `module` (a model, or model and loss together), each with its `lr`, `weight_decay`
+    and `layer_adaptation` (whether LARS/LAMB scale its updates by the trust ratio: the decayed tensors).
 
     Parameters outside every `EmbeddingNet` inside `module` belong to the loss.
     """
@@ -68,20 +72,54 @@ def optimizer_groups(module: nn.Module, lr: float, weight_decay: float, *, backb
         if key not in groups:
             label = f"{role}{'' if layer < 0 else f'.layer{layer}'}/{'decay' if decayed else 'no_decay'}"
             groups[key] = {"params": [], "lr": lr * scale, "weight_decay": weight_decay if decayed else 0.0,
-                           "name": label}
+                           "layer_adaptation": decayed, "name": label}
         groups[key]["params"].append(param)
     return list(groups.values())
 
 
+def scaled_lr(lr: float, scaling: str, global_batch: int, reference_batch: int) -> float:
+    """`lr`, stated for `reference_batch` images per step, at `global_batch`: times their ratio (linear,
+    Goyal et al. 2017), its square root (sqrt, as for LAMB in You et al. 2020) or unchanged (none)."""
+    ratio = global_batch / reference_batch
+    return lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[scaling]
+
+
+def global_batch(train_cfg: DictConfig) -> int:
+    """Images per optimizer step over all ranks: `train.batch_size` (already global) x `train.grad_accum`."""
+    return train_cfg.batch_size * train_cfg.grad_accum
+
+
+def effective_lr(train_cfg: DictConfig) -> float:
+    """The run's learning rate: `train.lr` scaled by `train.lr_scaling` to its global batch (warm-up and the
+    cosine decay then act on this rate)."""
+    return scaled_lr(train_cfg.lr, train_cfg.lr_scaling, global_batch(train_cfg), train_cfg.lr_reference_batch)
+
+
+def lr_scaling_line(train_cfg: DictConfig) -> str | None:
+    """What `train.lr_scaling` made of `train.lr`, for the run's start (None without scaling)."""
+    if train_cfg.lr_scaling == "none":
+        return None
+    return (f"lr {train_cfg.lr:g} scaled {train_cfg.lr_scaling} to {effective_lr(train_cfg):g} for global batch "
+            f"{global_batch(train_cfg)} (reference {train_cfg.lr_reference_batch})")
+
+
 def build_optimizer(module: nn.Module, train_cfg: DictConfig) -> torch.optim.Optimizer:
-    """`train.optimizer` over `module`'s groups: SGD (apex FusedSGD on CUDA when importable, else torch's
-    fused SGD) or torch's fused AdamW."""
-    groups = optimizer_groups(module, train_cfg.lr, train_cfg.weight_decay, backbone_lr_mult=train_cfg.backbone_lr_mult,
+    """`train.optimizer` over `module`'s groups at the scaled learning rate (`effective_lr`): SGD (apex
+    FusedSGD on CUDA when importable, else torch's fused SGD), torch's fused AdamW, LARS, or LAMB (apex
+    FusedLAMB on CUDA where it computes the same update, else the torch implementation)."""
+    lr = effective_lr(train_cfg)
+    groups = optimizer_groups(module, lr, train_cfg.weight_decay, backbone_lr_mult=train_cfg.backbone_lr_mult,
                               head_lr_mult=train_cfg.head_lr_mult, loss_lr_mult=train_cfg.loss_lr_mult,
                               layer_decay=train_cfg.layer_decay)
+    betas = tuple(train_cfg.betas)
     if train_cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=train_cfg.lr, fused=True)
-    kwargs = dict(lr=train_cfg.lr, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=train_cfg.eps, fused=True)
+    if train_cfg.optimizer == "lamb":
+        fused = fused_lamb(groups, lr, betas, train_cfg.eps)
+        return fused if fused is not None else Lamb(groups, lr=lr, betas=betas, eps=train_cfg.eps)
+    if train_cfg.optimizer == "lars":
+        return Lars(groups, lr=lr, momentum=train_cfg.momentum, trust_coefficient=train_cfg.trust_coefficient)
+    kwargs = dict(lr=lr, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov)
     on_cuda = any(p.is_cuda for g in groups for p in g["params"])
     if on_cuda and importlib.util.find_spec("apex") is not None:
         from apex.optimizers import FusedSGD  # optional, only where apex is installed

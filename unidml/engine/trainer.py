@@ -29,6 +29,7 @@ from unidml.engine.embed_chunks import chunked_step, chunking_record
 from unidml.engine.evaluator import Evaluator
 from unidml.engine.guards import RunGuard
 from unidml.engine.meter import StepMeter
+from unidml.engine.optim import lr_scaling_line
 from unidml.engine.profiling import device_memory_mib, step_profiler
 from unidml.engine.run_dir import claim_run_dir
 from unidml.engine.run_log import RunLog
@@ -78,6 +79,9 @@ class Trainer:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.steps_per_epoch = steps_in_epoch(len(self.loader), cfg.train.grad_accum)
         self.backend = build_backend(self.module, cfg, env, self.steps_per_epoch * cfg.train.epochs)
+        scaling = lr_scaling_line(cfg.train)
+        if scaling and env.is_main:
+            log.info(scaling)
         self.evaluator = Evaluator(cfg, self.dataset, env, train_set=train_set)
         if env.is_main:
             announce_faiss(self.device)

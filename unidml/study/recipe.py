@@ -1,10 +1,13 @@
 """A loss's training recipe: the `train` keys a recipe variant owns, and each optimizer's own defaults.
 
 A variant (`configs/pairwise/<loss>.yaml`) with a `train` section states its loss's whole optimizer
-recipe (optimizer, lr, weight decay, warm-up); the base config's recipe keys are dropped, not
-merged, so nothing of the base's optimizer (SGD's momentum, Nesterov) leaks into or blocks another
-one. The budget keys (epochs, batch size, seed, gradient accumulation and clipping, the learning-rate
-multipliers of a backbone family) stay the base config's, the same for every loss.
+recipe (optimizer, lr, weight decay, warm-up, and any of the optimizer's own keys); the base config's
+recipe keys are dropped, not merged, and the chosen optimizer brings its defaults for the keys the
+variant leaves out (`config.schema.OPTIMIZER_DEFAULTS`), so nothing of the base's optimizer (SGD's
+momentum and Nesterov, LAMB's betas, LARS's trust coefficient) leaks into or blocks another one. The
+budget keys (epochs, batch size, seed, gradient accumulation and clipping, the learning-rate
+multipliers of a backbone family, and `lr_scaling` with its reference batch: a variant's lr is the
+rate at that reference batch) stay the base config's, the same for every loss.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ from typing import Any
 from unidml.config.schema import OPTIMIZER_DEFAULTS
 from unidml.errors import UserError
 
-RECIPE_KEYS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "warmup_iters")
+RECIPE_KEYS = ("optimizer", "lr", "momentum", "nesterov", "betas", "eps", "trust_coefficient", "weight_decay",
+               "warmup_iters")
 REQUIRED_KEYS = ("optimizer", "lr", "weight_decay", "warmup_iters")
 
 

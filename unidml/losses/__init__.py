@@ -8,7 +8,7 @@ The classes can also be constructed directly, in PML's style (`help(unidml.losse
 Importing a loss module registers it (docs/design.md, "How to add a loss").
 """
 from unidml.losses.arcface import ArcFaceLoss
-from unidml.losses.base import DecomposedLoss, LossInputs, PairwiseLoss
+from unidml.losses.base import DecomposedLoss, LossInputs, PairwiseLoss, RankLoss
 from unidml.losses.center import CenterLoss
 from unidml.losses.contrastive import ContrastiveLoss
 from unidml.losses.cosface import CosFaceLoss
@@ -18,6 +18,7 @@ from unidml.losses.normalized_softmax import NormalizedSoftmaxLoss
 from unidml.losses.pce import PairwiseCrossEntropyLoss
 from unidml.losses.proxy_anchor import ProxyAnchorLoss
 from unidml.losses.proxy_nca import ProxyNCALoss
+from unidml.losses.recall_at_k import RecallAtKLoss
 from unidml.losses.registry import (
     LOSSES,
     build_loss,
@@ -26,6 +27,7 @@ from unidml.losses.registry import (
     register_loss,
     validate_loss_params,
 )
+from unidml.losses.smooth_ap import SmoothAPLoss
 from unidml.losses.snca import SNCALoss
 from unidml.losses.supcon import SupConLoss
 from unidml.losses.triplet import TripletLoss
@@ -34,7 +36,7 @@ from unidml.losses.xbm import CrossBatchMemoryLoss
 __all__ = [
     "LOSSES", "ArcFaceLoss", "CenterLoss", "ContrastiveLoss", "CosFaceLoss", "CrossBatchMemoryLoss",
     "CrossEntropyLoss", "DecomposedLoss", "LossInputs", "MultiSimilarityLoss", "NormalizedSoftmaxLoss",
-    "PairwiseCrossEntropyLoss", "PairwiseLoss", "ProxyAnchorLoss", "ProxyNCALoss", "SNCALoss", "SupConLoss",
-    "TripletLoss",
+    "PairwiseCrossEntropyLoss", "PairwiseLoss", "ProxyAnchorLoss", "ProxyNCALoss", "RankLoss", "RecallAtKLoss",
+    "SNCALoss", "SmoothAPLoss", "SupConLoss", "TripletLoss",
     "build_loss", "build_loss_from_config", "loss_parameters", "register_loss", "validate_loss_params",
 ]

@@ -4,7 +4,9 @@
 `compute(inputs)` returns the paper's two terms (tightness, contrast) whose sum is the loss.
 `PairwiseLoss` is the shell of the losses over the anchors x references matrix: it normalises,
 gathers cross-rank references and hands one row program to the kernels' dispatcher, on the backend
-chosen once when the loss was built (docs/design.md, "Losses").
+chosen once when the loss was built (docs/design.md, "Losses"). `RankLoss` is the shell of the losses
+over smoothed ranks (Smooth-AP, the Recall@k surrogate), which need the anchors x references x
+references sigmoids (`kernels.ranks`).
 
 The call is pytorch-metric-learning's: `loss(embeddings, labels, indices_tuple=None, ref_emb=None,
 ref_labels=None)`, where `indices_tuple` is a PML miner's output, pairs `(a1, p, a2, n)` or triplets
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from unidml.kernels.pairwise.dispatch import operand_dtype, pairwise_rows, resolve_backend
 from unidml.kernels.pairwise.reference import pair_matrix
+from unidml.kernels.ranks import RankProgram, rank_dtype, rank_rows, resolve_rank_backend
 from unidml.runtime.collectives import all_reduce_sum, gather_references, world_size
 from unidml.runtime.device import choose_device
 
@@ -249,3 +252,43 @@ def masked_rows(spec, v: Tensor, indices: Pairs | Triplets) -> tuple[Tensor, Ten
     pos = torch.zeros_like(v, dtype=torch.bool).index_put_((a1, p), true)
     neg = torch.zeros_like(v, dtype=torch.bool).index_put_((a2, n), true)
     return spec.rows(v, pos, neg, pos | neg)
+
+
+class RankLoss(DecomposedLoss):
+    """Shell of the rank-based losses: cosine similarity of L2-normalised embeddings, references, backend.
+
+    Parameters every rank loss takes:
+        backend: how the smoothed ranks are computed: `reference` (the n x m x m sigmoid tensor, autograd),
+            `tiled` (anchor chunks and k blocks, recomputing backward: O((n+m)·d + chunk·m·block) memory)
+            or `auto` (tiled: there is no Triton kernel). Resolved once, here; `triton` is refused.
+        device: where the loss will run (default: the device `engine.device=auto` picks).
+        chunk_rows: anchors per chunk of the tiled backend (default: sized from the reference count).
+
+    `program` (`kernels.ranks.RankProgram`) gives each anchor's loss from its ranks; the loss is their
+    mean over the anchors it counts (those with a positive). Computed in fp64 for fp64 embeddings, else
+    fp32. The references are the batch itself unless `ref_emb` is given. A rank loss has no part over
+    the positive pairs alone (every term ranks positives against the whole retrieval set): `tightness`
+    is 0 and `contrast` is the loss.
+    """
+
+    def __init__(self, program: RankProgram, *, backend: str, device: torch.device | str | None,
+                 chunk_rows: int | None) -> None:
+        super().__init__()
+        self.program = program
+        device = choose_device() if device is None else torch.device(device)
+        self.backend = resolve_rank_backend(backend, device, type(self).__name__)
+        if chunk_rows is not None and chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        self.chunk_rows = chunk_rows
+
+    def compute(self, inputs: LossInputs) -> tuple[Tensor, Tensor]:
+        refs = (inputs.ref_emb.dtype,) if inputs.has_references else ()
+        dtype = rank_dtype(inputs.embeddings.dtype, *refs)
+        x, y = F.normalize(inputs.embeddings.to(dtype), dim=1), inputs.labels
+        if inputs.has_references:
+            r, r_y, self_offset = F.normalize(inputs.ref_emb.to(dtype), dim=1), inputs.ref_labels, None
+        else:
+            r, r_y, self_offset = x, y, 0
+        losses, counted = rank_rows(self.program, x, r, y, r_y, self_offset, self.backend, self.chunk_rows)
+        value = losses.sum() / counted.sum().clamp(min=1)
+        return torch.zeros_like(value), value

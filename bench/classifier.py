@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from memory_events import peak_cpu_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("fused_ce", "torch_ce", "fused_proxy_anchor", "pml_proxy_anchor")
 BASELINE = {"fused_ce": "torch_ce", "fused_proxy_anchor": "pml_proxy_anchor"}
@@ -68,21 +70,6 @@ def _step(method: str, num_classes: int, d: int, device: str, dtype: str):
 
     loss = ProxyAnchorLoss(num_classes, d).to(device)
     return (lambda z, y: loss(z.float(), y)), loss.proxies
-
-
-def _peak_cpu_bytes(run) -> int:
-    """Most tensor bytes held at once during `run()` beyond those alive before it (profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type().name == "CPU")
-    held = peak = 0
-    for _, nbytes in events:
-        held += nbytes
-        peak = max(peak, held)
-    return peak
 
 
 # Peak bytes of the materialising methods as multiples of one fp32 n x C matrix (measured on CPU with this
@@ -129,7 +116,7 @@ def run_case(method: str, num_classes: int, n: int, d: int, device: str, dtype: 
         once()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = _peak_cpu_bytes(once)
+        peak = peak_cpu_bytes(once)
     times = []
     for _ in range(reps):
         start = time.perf_counter()

@@ -25,41 +25,12 @@ import sys
 import time
 from pathlib import Path
 
+from memory_events import peak_cpu_bytes, saved_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 LOSSES = ("smooth_ap", "recall_at_k")
 BACKENDS = ("reference", "tiled")
 REFERENCE_CUBES = 4  # the reference's peak in fp32 n³ tensors (measured with this script, n = 128 to 1024: 4.0)
-
-
-def _peak_cpu_bytes(run) -> int:
-    """Most tensor bytes held at once during `run()` beyond those alive before it (profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type().name == "CPU")
-    held = peak = 0
-    for _, nbytes in events:
-        held += nbytes
-        peak = max(peak, held)
-    return peak
-
-
-def _saved_bytes(run) -> int:
-    """Bytes of the tensors autograd saves for backward while `run()` builds its graph."""
-    import torch
-
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        run()
-    return total
 
 
 def _fits(backend: str, n: int) -> bool:
@@ -94,8 +65,8 @@ def run_case(loss_name: str, backend: str, n: int, d: int, reps: int) -> dict:
         forward()
         value["loss"].backward()
 
-    peak = _peak_cpu_bytes(once)
-    saved = _saved_bytes(forward)
+    peak = peak_cpu_bytes(once)
+    saved, _ = saved_bytes(forward)
     times = []
     for _ in range(reps):
         start, cpu = time.perf_counter(), time.process_time()

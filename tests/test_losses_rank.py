@@ -1,5 +1,8 @@
 """Rank-based losses (Smooth-AP, the Recall@k surrogate): against pytorch-metric-learning's SmoothAPLoss,
 against dense formulas written here, and the tiled backend against the reference in value and gradient."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,18 @@ from unidml.kernels.ranks import rank_rows
 from unidml.losses import RecallAtKLoss, SmoothAPLoss, build_loss, validate_loss_params
 
 F64 = torch.float64
+
+
+def _bench_module(name: str):
+    """A module of bench/ (the memory accounting the benchmarks report is the one these tests check)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+MEMORY = _bench_module("memory_events")
 # fp64 sums of at most a few thousand sigmoids, run in two summation orders: far below 1e-12 relative.
 EXACT = 1e-12
 
@@ -214,20 +229,6 @@ def test_tiled_equals_reference_in_fp32(name):
     _assert_close(tiled, ref, 1e-4)
 
 
-def _saved_bytes(run):
-    """Bytes of the tensors autograd keeps for backward while `run()` builds its graph."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = run()
-    return total, out
-
-
 @pytest.mark.parametrize("name", ["smooth_ap", "recall_at_k"])
 def test_tiled_keeps_no_cubic_tensor(name):
     """The tiled graph holds a few n x d tensors (the embeddings, their normalisation and its input twice:
@@ -238,7 +239,7 @@ def test_tiled_keeps_no_cubic_tensor(name):
     for backend, check in (("tiled", lambda b: b <= 8 * n * d * 4 + 2 * n * 8),
                            ("reference", lambda b: b >= cubic)):
         zz = z.clone().requires_grad_()
-        saved, value = _saved_bytes(lambda: build_loss(name, backend=backend, chunk_rows=8)(zz, y))
+        saved, value = MEMORY.saved_bytes(lambda: build_loss(name, backend=backend, chunk_rows=8)(zz, y))
         assert check(saved), f"{backend}: {saved} bytes saved for backward"
         value.backward()
 
@@ -246,22 +247,13 @@ def test_tiled_keeps_no_cubic_tensor(name):
 def test_tiled_peak_memory_is_a_chunk():
     """Peak tensor bytes of one forward+backward (the profiler's CPU allocator events): the tiled backend
     stays far below one n x n x n tensor."""
-    from torch.profiler import ProfilerActivity, profile
 
     n = 128
     z, y = _batch([4] * (n // 4), 32, 41, dtype=torch.float32)
 
     def peak(backend):
         zz = z.clone().requires_grad_()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            build_loss("smooth_ap", backend=backend, chunk_rows=8)(zz, y).backward()
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                        if e.name() == "[memory]" and e.device_type().name == "CPU")
-        held = top = 0
-        for _, nbytes in events:
-            held += nbytes
-            top = max(top, held)
-        return top
+        return MEMORY.peak_cpu_bytes(lambda: build_loss("smooth_ap", backend=backend, chunk_rows=8)(zz, y).backward())
 
     cubic = n ** 3 * 4
     assert peak("reference") >= cubic

@@ -26,7 +26,28 @@ def _trust_ratio(ratio: torch.Tensor, w_norm: torch.Tensor, other_norm: torch.Te
     return torch.where((w_norm > 0) & (other_norm > 0), ratio, 1.0)
 
 
-class Lars(torch.optim.Optimizer):
+class _PerTensor(torch.optim.Optimizer):
+    """An optimizer whose step updates each parameter with a gradient on its own (`update(p, group)`)."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.update(p, group)
+        return loss
+
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        """Apply one parameter's update in place (each optimizer's own rule)."""
+        raise NotImplementedError
+
+
+class Lars(_PerTensor):
     """LARS: SGD with momentum on the trust-ratio-scaled gradient.
 
     Per tensor, d = (g + λw)·r with r = η·||w|| / (||g|| + λ||w||) (η the trust coefficient, λ the weight
@@ -40,34 +61,23 @@ class Lars(torch.optim.Optimizer):
                         layer_adaptation=True)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """One update of every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                update = grad.add(p, alpha=decay) if decay else grad.clone()
-                if group["layer_adaptation"]:
-                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
-                    ratio = group["trust_coefficient"] * w_norm / (g_norm + decay * w_norm)
-                    update.mul_(_trust_ratio(ratio, w_norm, g_norm))
-                if momentum:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    update = state["momentum_buffer"].mul_(momentum).add_(update)
-                p.add_(update, alpha=-lr)
-        return loss
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        momentum, decay = group["momentum"], group["weight_decay"]
+        grad = p.grad
+        update = grad.add(p, alpha=decay) if decay else grad.clone()
+        if group["layer_adaptation"]:
+            w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+            ratio = group["trust_coefficient"] * w_norm / (g_norm + decay * w_norm)
+            update.mul_(_trust_ratio(ratio, w_norm, g_norm))
+        if momentum:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            update = state["momentum_buffer"].mul_(momentum).add_(update)
+        p.add_(update, alpha=-group["lr"])
 
 
-class Lamb(torch.optim.Optimizer):
+class Lamb(_PerTensor):
     """LAMB: Adam's bias-corrected moments, decoupled weight decay, and the layer-wise trust ratio.
 
     Per tensor, at step t: m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g², u = m̂ / (√v̂ + ε) + λw with
@@ -80,36 +90,25 @@ class Lamb(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, layer_adaptation=True)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """One update of every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            (beta1, beta2), eps, decay = group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                exp_avg, exp_avg_sq, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                exp_avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (exp_avg_sq / (1 - beta2 ** t)).sqrt_().add_(eps)
-                update = (exp_avg / (1 - beta1 ** t)).div_(denom)
-                if decay:
-                    update.add_(p, alpha=decay)
-                if group["layer_adaptation"]:
-                    w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
-                    update.mul_(_trust_ratio(w_norm / u_norm, w_norm, u_norm))
-                p.add_(update, alpha=-group["lr"])
-        return loss
+    def update(self, p: torch.Tensor, group: dict) -> None:
+        (beta1, beta2), eps, decay = group["betas"], group["eps"], group["weight_decay"]
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        exp_avg, exp_avg_sq, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        exp_avg.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (exp_avg_sq / (1 - beta2 ** t)).sqrt_().add_(eps)
+        update = (exp_avg / (1 - beta1 ** t)).div_(denom)
+        if decay:
+            update.add_(p, alpha=decay)
+        if group["layer_adaptation"]:
+            w_norm, u_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(update)
+            update.mul_(_trust_ratio(w_norm / u_norm, w_norm, u_norm))
+        p.add_(update, alpha=-group["lr"])
 
 
 def fused_lamb(groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.Optimizer | None:

@@ -72,6 +72,24 @@ def test_version_help_and_lists(capsys):
     assert "resnet50" in capsys.readouterr().out.split()
 
 
+@pytest.mark.parametrize("what, key", [("samplers", "data.sampler"), ("poolings", "model.pooling"),
+                                       ("data-backends", "data.backend"), ("engine-backends", "engine.backend")])
+def test_list_prints_each_registry_as_the_config_accepts_it(what, key, capsys):
+    from omegaconf import OmegaConf
+
+    from unidml import registry
+    from unidml.run_config import load_run_config
+
+    assert main(["list", what]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == list(registry.choices(key))
+    # every listed name is one the config takes (with what it needs: a class token, a DeepSpeed JSON)
+    needs = {"cls": ["model.arch=timm/vit_tiny_patch16_224", "model.pretrained=''", "data.image_size=32",
+                     "data.resize_size=32"], "deepspeed": ["engine.deepspeed_config=configs/deepspeed/zero1.json"]}
+    for name in names:
+        assert OmegaConf.select(load_run_config(None, [f"{key}={name}", *needs.get(name, [])]), key) == name
+
+
 def test_contact_sheet_frames_correct_hits_green_and_wrong_ones_red(tmp_path):
     from unidml.evaluation.contact_sheet import CORRECT, MARGIN, WRONG, Hit, write_contact_sheet
 

@@ -26,7 +26,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("serve", "serve", "serve an index over HTTP: a JSON search API and a page to try it"),
     ("models", "models", "list the backbones model.arch accepts (torchvision, timm/NAME) and local weights"),
     ("launch", "launch", "print or run the torchrun / deepspeed command for a cluster shape"),
-    ("list", "list_registry", "list what a config can name: losses, backbones, datasets"),
+    ("list", "list_registry", "list what a config can name: losses, backbones, datasets, samplers, ..."),
     ("config show", "config_show", "print the resolved config (defaults + files + overrides) as YAML"),
     ("data synth", "data_synth", "write the built-in synthetic dataset (SOP layout)"),
     ("data check", "data_check", "validate a dataset tree and summarise it"),

@@ -24,6 +24,7 @@ and restarted draws exactly what an uninterrupted one draws.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -336,43 +337,48 @@ class StudyWorker:
         self.group = group
 
     def run(self) -> int:
-        """Work until every task of the study is done; returns how many tasks this worker ran."""
+        """Work until every task of the study is done; returns how many tasks this worker ran.
+
+        The rank protocol is two messages, each one broadcast from rank 0: per task, the planned task
+        (`_plan`: the next task with its drawn values, `skip`, `WAIT` or None for done), and per evaluation of
+        a trial, whether to prune it (in `_train`). Every rank therefore makes the same calls in the same order.
+        """
         ran = 0
         while True:
-            task = self.studies.next_task() if self.env.is_main else None
-            task = _broadcast(task, self.env)
-            if task is None:
-                return ran
-            if task == WAIT:
-                if self.env.is_main:
-                    time.sleep(self.settings.poll_seconds)
-                continue
-            self._run(task)
-            ran += 1
+            with contextlib.ExitStack() as lease:
+                task, trial = self._plan(lease) if self.env.is_main else (None, None)
+                task = _broadcast(task, self.env)
+                if task is None:
+                    return ran
+                if task == WAIT:
+                    if self.env.is_main:
+                        time.sleep(self.settings.poll_seconds)
+                    continue
+                self._train(task, trial)
+                if self.env.is_main and task.kind != "skip":
+                    self.studies.leases.finish(self.studies.study_name(task.loss), task.name)
+                ran += 1
+
+    def _plan(self, lease: contextlib.ExitStack) -> tuple[Task | None, optuna.Trial | None]:
+        """Rank 0: the next task, its lease held in `lease` and, for a trial, its Optuna trial and drawn values
+        (a trial another worker started meanwhile becomes `skip`)."""
+        studies = self.studies
+        task = studies.next_task()
+        if task is None or task == WAIT:
+            return task, None
+        name = studies.study_name(task.loss)
+        lease.enter_context(studies.leases.holding(name, task.name))
+        if task.kind != "trial":
+            return task, None
+        trial = studies.start_trial(task.loss, task.index)
+        if trial is None:
+            studies.leases.finish(name, task.name)
+            return dataclasses.replace(task, kind="skip"), None
+        return dataclasses.replace(task, values=suggest(trial, self.plans[task.loss].dims)), trial
 
     def _say(self, task: Task, text: str) -> None:
         if self.env.is_main:
             print(f"[{task.loss} {task.name}] {text}", flush=True)
-
-    def _run(self, task: Task) -> None:
-        studies = self.studies
-        if not self.env.is_main:
-            self._train(_broadcast(None, self.env), None)
-            return
-        name = studies.study_name(task.loss)
-        with studies.leases.holding(name, task.name):
-            trial = None
-            values = task.values
-            if task.kind == "trial":
-                trial = studies.start_trial(task.loss, task.index)
-                if trial is None:
-                    _broadcast(dataclasses.replace(task, kind="skip"), self.env)
-                    studies.leases.finish(name, task.name)
-                    return
-                values = suggest(trial, self.plans[task.loss].dims)
-            task = _broadcast(dataclasses.replace(task, values=values), self.env)
-            self._train(task, trial)
-            studies.leases.finish(name, task.name)
 
     def _train(self, job: Task, trial: optuna.Trial | None) -> None:
         """Train `job` on every rank; rank 0 (which holds `trial`) reports, prunes and records."""

@@ -23,8 +23,13 @@ OVERRIDES = ["data.synthetic.classes=6", "data.synthetic.per_class=5", "data.syn
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
+    """An untrained checkpoint and its generated data (so each test can run alone, e.g. under -m slow)."""
+    from unidml.data_pipeline import build_dataset
+    from unidml.run_config import load_run_config
+
     root = tmp_path_factory.mktemp("eval_cmd")
     write_untrained_checkpoint(root, OVERRIDES)
+    build_dataset(load_run_config(None, OVERRIDES + [f"data.root={root / 'data'}"]).data)
     return root
 
 

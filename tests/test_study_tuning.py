@@ -172,6 +172,23 @@ def table(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+def test_a_two_rank_study_runs_every_task_once_on_both_ranks(tmp_path):
+    """Under torchrun (2 gloo ranks) every rank receives the same planned task and prune decisions."""
+    out = tmp_path / "two_ranks"
+    args = ["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "unidml", "compare", "--config",
+            str(QUICKSTART), "--losses", "ce", "--trials", "2", "--trial-epochs", "1", "--seeds", "1", "--out",
+            str(out), "--variants", str(variants(tmp_path)), "--poll-seconds", "0.5",
+            *[a for item in [f"data.root={tmp_path / 'data'}", *TINY, "engine.backend=ddp"] for a in ("--set", item)]]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    starts = [line for line in done.stdout.splitlines() if " -> " in line and line.startswith("[cross_entropy ")]
+    assert [line.split("]")[0] for line in starts] == ["[cross_entropy trial0", "[cross_entropy trial1",
+                                                       "[cross_entropy seed0"]
+    assert len(table(out / "trials.csv")) == 2 and (out / "summary.md").is_file()
+
+
+@pytest.mark.slow
 def test_a_killed_study_resumes_to_the_same_tables_without_retraining(tmp_path):
     code, log = compare(tmp_path, tmp_path / "straight", trials=2, trial_epochs=2)
     assert code == 0, log

@@ -65,10 +65,10 @@ def test_the_study_summary_gives_mean_and_std_per_loss():
     rows = [{"loss": "cross_entropy", "seeds": 2, "epoch": (3.0, 1.0), "test recall@1": (66.0, 1.5),
              "test map@r": (20.25, 0.5)},
             {"loss": "untrained network", "seeds": 4, "epoch": (0.0, 0.0), "test recall@1": (25.3, 0.0)}]
-    assert study_summary(rows, "test", 61.0).splitlines() == [
-        "loss               seeds  epoch        test R@1      test MAP@R",
-        "-----------------  -----  -----------  ------------  ------------",
-        "cross_entropy          2  3.00 ± 1.00  66.00 ± 1.50  20.25 ± 0.50",
+    assert study_summary(rows, "test", 61.0, {"cross_entropy": 151.25}).splitlines() == [
+        "loss               seeds  epoch        test R@1      test MAP@R    images/s",
+        "-----------------  -----  -----------  ------------  ------------  --------",
+        "cross_entropy          2  3.00 ± 1.00  66.00 ± 1.50  20.25 ± 0.50  151.2",
         "untrained network      4  0.00 ± 0.00  25.30 ± 0.00",
         "wall time 61 s"]
 

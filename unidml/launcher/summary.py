@@ -39,14 +39,18 @@ def run_summary(metrics: dict[str, Any], wall_s: float) -> str:
     return format_table(["split", "role", "R@1", "MAP@R", "queries"], rows) + "\n" + totals
 
 
-def study_summary(rows: Sequence[dict[str, Any]], split: str, wall_s: float) -> str:
+def study_summary(rows: Sequence[dict[str, Any]], split: str, wall_s: float,
+                  images_per_s: dict[str, float] | None = None) -> str:
     """One row per loss (and reference row) of the study report: seeds, selected epoch, `split` R@1 and
-    MAP@R (mean ± std over seeds), then the command's wall time."""
+    MAP@R (mean ± std over seeds), the mean training images/s of its retrainings where known
+    (`images_per_s`: loss -> rate), then the command's wall time."""
     def mean_std(value: Any) -> str:
         if not isinstance(value, tuple) or math.isnan(value[0]):
             return ""
         return f"{value[0]:.2f} ± {value[1]:.2f}"
+    rates = images_per_s or {}
     table = [[row["loss"], int(row["seeds"]), mean_std(row.get("epoch")), mean_std(row.get(f"{split} recall@1")),
-              mean_std(row.get(f"{split} map@r"))] for row in rows]
-    return (format_table(["loss", "seeds", "epoch", f"{split} R@1", f"{split} MAP@R"], table)
+              mean_std(row.get(f"{split} map@r")), f"{rates[row['loss']]:.1f}" if row["loss"] in rates else ""]
+             for row in rows]
+    return (format_table(["loss", "seeds", "epoch", f"{split} R@1", f"{split} MAP@R", "images/s"], table)
             + f"\nwall time {wall_s:.0f} s")

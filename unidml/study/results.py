@@ -130,3 +130,15 @@ def collect(settings: StudySettings, plans: Sequence[LossPlan], studies: LossStu
             result.seeds.append(replace(row, directory=directory))
         results.append(result)
     return results
+
+
+def retraining_rates(results: Sequence[LossResult]) -> dict[str, float]:
+    """loss -> mean training images/s (last epoch, metrics.json `throughput`) of its finished retrainings."""
+    rates = {}
+    for result in results:
+        found = [json.loads((s.directory / "metrics.json").read_text()).get("throughput", {}).get("images_per_s")
+                 for s in result.finished_seeds if s.directory is not None and (s.directory / "metrics.json").is_file()]
+        found = [rate for rate in found if isinstance(rate, (int, float))]
+        if found:
+            rates[result.loss] = sum(found) / len(found)
+    return rates

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from unidml.study.baselines import RAW_PIXELS, UNTRAINED, as_runs, epoch0_entries, raw_pixel_metrics
     from unidml.study.compare import describe, parse_losses, plan_losses
     from unidml.study.report import report_rows, write_report
-    from unidml.study.results import collect
+    from unidml.study.results import collect, retraining_rates
     from unidml.study.tracking import StudyGroup
     from unidml.study.tuning import LossStudies, StudySettings, StudyWorker, default_storage
 
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         group.close([path for path in sorted(out.glob("*")) if path.suffix in (".md", ".csv", ".png")])
     empty = [r.loss for r in results if not r.finished_seeds]
     print(study_summary([row for part in report_rows(results, baselines) for row in part], "test",
-                        time.perf_counter() - started))
+                        time.perf_counter() - started, retraining_rates(results)))
     print(f"report: {paths['markdown']} | {paths['csv']}" + (f" | no result for {', '.join(empty)}" if empty else ""))
     return 1 if empty else 0
 

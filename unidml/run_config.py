@@ -18,7 +18,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from unidml.config import ConfigError, load_config, load_config_text
-from unidml.engine.checkpoint import CheckpointError, config_difference, load, load_module_state, stored_config_text
+from unidml.engine.checkpoint import (
+    CheckpointError,
+    load,
+    load_module_state,
+    stored_config_difference,
+    stored_config_text,
+)
 
 # The modules whose import registers the components a config can name.
 COMPONENT_MODULES = ("unidml.data_pipeline", "unidml.models", "unidml.models.torchvision_backbones",
@@ -69,8 +75,8 @@ def load_for_inference(checkpoint_path: str | Path, overrides: Sequence[str] = (
     cfg = stored_run_config(state, checkpoint_path, overrides)
     model_cfg = OmegaConf.merge(cfg.model, {"pretrained": ""})  # the checkpoint carries the weights
     model = build_model(model_cfg, image_size=int(cfg.data.image_size))
-    hint = config_difference(stored_run_config(state, checkpoint_path), cfg,
-                             ("model.arch", "model.embedding_dim", "model.small_input_stem"))
+    hint = stored_config_difference(state, checkpoint_path, cfg,
+                                    ("model.arch", "model.embedding_dim", "model.small_input_stem"))
     load_module_state(model, state.get("model"), checkpoint_path, "model",
                       hint or "the stored config does not describe the stored weights")
     device = device_type(str(cfg.engine.device))  # where the commands that load it compute

@@ -29,8 +29,8 @@ def build_dataset(data_cfg: Any, seed: int = 0) -> DatasetDescription:
     the optional class-disjoint validation split (`data.val_classes`, chosen by `seed`). What was derived
     (a missing test split, the validation split) is logged, one line each."""
     root = str(data_cfg.root or "")
-    generator = DATASETS.get(str(data_cfg.dataset), None)
-    generator = generator.generator if generator is not None else None
+    reader = DATASETS.get(str(data_cfg.dataset), None)  # an unknown name is refused by read_dataset below
+    generator = reader.generator if reader is not None else None
     if generator and root:  # returns at once when `root` already holds these parameters
         from unidml.data_pipeline.synthetic import generate_dataset, read_marker
 

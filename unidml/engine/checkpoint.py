@@ -369,7 +369,8 @@ MODEL_KEYS = ("model.arch", "model.embedding_dim", "model.small_input_stem", "mo
 LOSS_KEYS = ("loss.name", "data.dataset", "data.root", "data.list_file", "data.val_classes", "model.embedding_dim")
 
 
-def _hint(state: Mapping[str, Any], path: str | Path, current: DictConfig, keys: Sequence[str]) -> str:
+def stored_config_difference(state: Mapping[str, Any], path: str | Path, current: DictConfig,
+                             keys: Sequence[str]) -> str:
     """What the checkpoint's stored config sets differently among `keys` ("" when it cannot be read)."""
     try:
         stored = yaml.safe_load(stored_config_text(state, path))
@@ -382,8 +383,8 @@ def restore_modules(model: torch.nn.Module, loss: torch.nn.Module, state: Mappin
                     cfg: DictConfig) -> None:
     """Load a training checkpoint's network and loss state (classifier, proxies, centers) into this
     run's modules; one line naming what differs when the checkpoint belongs to another setup."""
-    load_module_state(model, state.get("model"), path, "model", _hint(state, path, cfg, MODEL_KEYS))
-    load_module_state(loss, state.get("loss"), path, "loss", _hint(state, path, cfg, LOSS_KEYS) or
+    load_module_state(model, state.get("model"), path, "model", stored_config_difference(state, path, cfg, MODEL_KEYS))
+    load_module_state(loss, state.get("loss"), path, "loss", stored_config_difference(state, path, cfg, LOSS_KEYS) or
                       "a different class count or loss")
 
 

@@ -11,10 +11,9 @@ import itertools
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from unidml.config import RerankConfig
 from unidml.data_pipeline import build_eval_loader
 from unidml.data_pipeline.dataset import DatasetDescription, ImageSet
 from unidml.engine.distributed import DistEnv
@@ -22,6 +21,7 @@ from unidml.errors import UserError
 from unidml.evaluation import evaluate_model, extract_embeddings
 from unidml.evaluation.diagnostics import diagnostic_sample, mi_diagnostics
 from unidml.evaluation.evaluate import Embeddings
+from unidml.evaluation.rerank import rerank_settings
 from unidml.runtime.precision import precision_of
 
 PROJECTOR_POINTS = 300  # eval embeddings in the TensorBoard projector snapshot
@@ -97,7 +97,7 @@ class Evaluator:
         out of queries and gallery and counted (`unreadable_images`). An eval.* setting the retrieval
         cannot use is one line."""
         eval_cfg = self.cfg.eval
-        rerank = RerankConfig(**OmegaConf.to_container(eval_cfg.rerank))
+        rerank = rerank_settings(eval_cfg.rerank)
         try:
             return {name: evaluate_model(model, query, gallery, ks=list(eval_cfg.ks), metrics=list(eval_cfg.metrics),
                                          metric=str(eval_cfg.metric), memory_budget_mb=float(eval_cfg.memory_budget_mb),

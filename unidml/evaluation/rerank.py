@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+from omegaconf import OmegaConf
 
 from unidml.config import RerankConfig
 from unidml.evaluation.distributed import Collectives
@@ -32,6 +34,11 @@ NO_RERANK = RerankConfig()
 PARAMETERS: dict[str, tuple[str, ...]] = {  # the keys of `eval.rerank` each method reads
     "none": (), "k_reciprocal": ("k1", "k2", "lambda_value", "candidates"),
     "query_expansion": ("top_n", "alpha"), "database_augmentation": ("top_n", "alpha")}
+
+
+def rerank_settings(section: Any) -> RerankConfig:
+    """A run config's `eval.rerank` section as the evaluation takes it."""
+    return RerankConfig(**OmegaConf.to_container(section))
 
 
 def describe(rerank: RerankConfig) -> dict[str, object]:

@@ -55,15 +55,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def _rerank(cfg: Any):
-    """The config's `eval.rerank` as the evaluation takes it."""
-    from omegaconf import OmegaConf
-
-    from unidml.config import RerankConfig
-
-    return RerankConfig(**OmegaConf.to_container(cfg.eval.rerank))
-
-
 def _checkpoint_config(args: argparse.Namespace):
     """The model from the checkpoint; the settings from --config when given, else the checkpoint's."""
     from unidml.run_config import load_for_inference, load_run_config
@@ -80,7 +71,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], bool]
     from unidml.data_pipeline import build_dataset
     from unidml.engine.distributed import init_distributed, shutdown
     from unidml.engine.evaluator import Evaluator
-    from unidml.evaluation.rerank import describe
+    from unidml.evaluation.rerank import describe, rerank_settings
 
     model, cfg = _checkpoint_config(args)
     env = init_distributed(str(cfg.engine.device))
@@ -95,7 +86,7 @@ def evaluate_checkpoint(args: argparse.Namespace) -> tuple[dict[str, Any], bool]
     query_split, gallery_split = evaluator.pairs[split]
     record = {"checkpoint": str(args.checkpoint), "dataset": dataset.name, "split": split,
               "query": query_split, "gallery": gallery_split or query_split, "metric": str(cfg.eval.metric),
-              "rerank": describe(_rerank(cfg)), "world_size": env.world_size, "metrics": metrics,
+              "rerank": describe(rerank_settings(cfg.eval.rerank)), "world_size": env.world_size, "metrics": metrics,
               "unreadable": unreadable}
     return record, env.is_main
 
@@ -136,7 +127,7 @@ def evaluate_embeddings(args: argparse.Namespace) -> dict[str, Any]:
 
     from unidml.errors import UserError
     from unidml.evaluation import retrieval_metrics
-    from unidml.evaluation.rerank import describe
+    from unidml.evaluation.rerank import describe, rerank_settings
 
     path = Path(args.embeddings)
     if args.gallery_embeddings and path.suffix != ".npy":
@@ -155,7 +146,7 @@ def evaluate_embeddings(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"{path}: needs arrays query, query_labels and optionally gallery with gallery_labels "
                         f"(found: {', '.join(sorted(arrays)) or 'none'})")
     cfg = embeddings_config(path, args)
-    metric, rerank = str(cfg.eval.metric), _rerank(cfg)
+    metric, rerank = str(cfg.eval.metric), rerank_settings(cfg.eval.rerank)
     try:
         metrics = retrieval_metrics(arrays["query"], arrays["query_labels"], arrays.get("gallery"),
                                     arrays.get("gallery_labels"), ks=list(cfg.eval.ks), metrics=list(cfg.eval.metrics),
